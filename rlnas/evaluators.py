@@ -1,0 +1,128 @@
+"""Evaluators: the one interface between a search strategy and the children.
+
+An evaluator takes architectures (and their global child ids) and returns one
+`ChildResult` each: a reward and metrics. Nothing else crosses the boundary, so
+a local child trainer, a multi-device/multi-host evaluator, a tabular benchmark
+or a weight-sharing evaluator plug into the same search loop.
+
+A child that cannot be built, diverges, raises or runs out of memory is a
+failed child with `config.search.failure_reward`, not a crash: a bad
+architecture is data for the controller.
+"""
+
+import dataclasses
+import traceback
+from typing import Any, Protocol, Sequence
+
+import jax
+import ml_collections
+
+from rlnas import child as child_lib
+from rlnas import data as data_lib
+from rlnas import reinforce
+from rlnas.child import trainer
+from rlnas.spaces import base
+
+OK = "ok"
+FAILED = "failed"
+
+
+@dataclasses.dataclass
+class ChildResult:
+  """One evaluated child.
+
+  reward: the scalar the strategy optimises.
+  status: OK, or FAILED with `error` saying why.
+  val_accuracies: per-epoch validation accuracy (fractions), if trained.
+  metrics: anything else worth a history column (num_params, train_seconds,
+    compile_seconds, ...), JSON-serialisable.
+  """
+  reward: float
+  status: str = OK
+  val_accuracies: list[float] = dataclasses.field(default_factory=list)
+  metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+  error: str | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, record: dict[str, Any]) -> "ChildResult":
+    return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)
+                  if f.name in record})
+
+
+class Evaluator(Protocol):
+
+  def evaluate(self, archs: Sequence[base.Architecture],
+               child_ids: Sequence[int]) -> list[ChildResult]:
+    """One result per architecture, in order. child_ids seed each child."""
+
+
+def child_rng(seed: int, child_id: int) -> jax.Array:
+  """A child's key depends on its identity only, not on where it runs."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), child_id)
+
+
+def failed(reason: str, failure_reward: float, **metrics) -> ChildResult:
+  return ChildResult(reward=failure_reward, status=FAILED, error=reason,
+                     metrics=metrics)
+
+
+class ChildTrainerEvaluator:
+  """Trains each child from scratch with the JIT-compiled child trainer."""
+
+  def __init__(self, dataset: data_lib.Dataset, config: ml_collections.ConfigDict):
+    self.dataset = dataset
+    self.child_cfg = config.child
+    self.augment_cfg = config.data.augment
+    self.reward_cfg = config.reward
+    self.failure_reward = float(config.search.failure_reward)
+    self.seed = int(config.seed)
+
+  def evaluate_one(self, arch: base.Architecture, child_id: int) -> ChildResult:
+    try:
+      model = child_lib.build_model(arch, self.dataset.num_classes, self.child_cfg)
+      result = trainer.train_and_evaluate(
+          model, self.dataset, self.child_cfg, self.augment_cfg,
+          child_rng(self.seed, child_id))
+    except trainer.ChildTrainingError as e:
+      return failed(f"diverged: {e}", self.failure_reward)
+    except Exception as e:  # pylint: disable=broad-except
+      # Unbuildable shapes, XLA errors, out of memory: the child failed.
+      last = traceback.format_exception_only(type(e), e)[-1].strip()
+      return failed(f"{type(e).__name__}: {last[:500]}", self.failure_reward)
+    return ChildResult(
+        reward=reinforce.reward_from_accuracies(result.val_accuracies, self.reward_cfg),
+        val_accuracies=[round(a, 6) for a in result.val_accuracies],
+        metrics={"num_params": result.num_params,
+                 "train_seconds": round(result.train_seconds, 4),
+                 "compile_seconds": round(result.compile_seconds, 4),
+                 "final_train_loss": round(result.train_losses[-1], 6)})
+
+  def evaluate(self, archs: Sequence[base.Architecture],
+               child_ids: Sequence[int]) -> list[ChildResult]:
+    return [self.evaluate_one(a, i) for a, i in zip(archs, child_ids)]
+
+
+_REGISTRY = {}
+
+
+def register(name: str, factory) -> None:
+  """factory(config, space) -> Evaluator."""
+  _REGISTRY[name] = factory
+
+
+def names() -> tuple[str, ...]:
+  return ("child_trainer",) + tuple(sorted(_REGISTRY))
+
+
+def make(config: ml_collections.ConfigDict, space) -> Evaluator:
+  """The evaluator named by `config.search.evaluator`."""
+  name = config.search.evaluator
+  if name == "child_trainer":
+    return ChildTrainerEvaluator(data_lib.load(config.data), config)
+  if name in _REGISTRY:
+    return _REGISTRY[name](config, space)
+  raise ValueError(f"unknown evaluator {name!r}; known: {', '.join(names())} "
+                   "(set config.search.evaluator)")

@@ -1,0 +1,109 @@
+"""What a search writes for people: history.jsonl, best.json, TensorBoard scalars.
+
+- `history.jsonl`: one JSON line per child, appended and flushed (and fsynced)
+  as soon as the child is evaluated, so a killed search loses nothing it
+  finished. A torn last line (a kill mid-write) is detected and dropped on resume.
+- `best.json`: the best child so far, replaced atomically (write, then rename).
+- `tb/`: TensorBoard event files written by tensorboardX (no TensorFlow needed).
+"""
+
+import json
+import os
+from typing import Any, Iterable
+
+from absl import logging
+
+HISTORY = "history.jsonl"
+BEST = "best.json"
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  """Writes JSON to `path` via a temporary file and rename (never half-written)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+  """Reads history.jsonl; drops (and reports) a torn or corrupt trailing line.
+
+  A corrupt line before the end is not a kill artefact; it raises.
+  """
+  path = os.path.join(workdir, HISTORY)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split("\n")
+  records = []
+  complete = lines[:-1]          # text after the last newline was never finished
+  if lines[-1].strip():
+    logging.warning("history.jsonl: dropping an unfinished last line (%d bytes), "
+                    "left by an interrupted write", len(lines[-1]))
+  for i, line in enumerate(complete):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i == len(complete) - 1:
+        logging.warning("history.jsonl: dropping a corrupt last line")
+        continue
+      raise ValueError(f"{path}: line {i + 1} is not valid JSON; the history is "
+                       "damaged beyond a torn last line. Move it away or start "
+                       "a new workdir.") from None
+  return records
+
+
+def rewrite_history(workdir: str, records: Iterable[dict[str, Any]]) -> None:
+  """Replaces history.jsonl atomically with `records`."""
+  path = os.path.join(workdir, HISTORY)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class HistoryWriter:
+  """Appends one line per child; each line is on disk before the next child."""
+
+  def __init__(self, workdir: str):
+    self._file = open(os.path.join(workdir, HISTORY), "a")
+
+  def append(self, record: dict[str, Any]) -> None:
+    self._file.write(json.dumps(record, sort_keys=True) + "\n")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class ScalarWriter:
+  """TensorBoard scalars under WORKDIR/tb, or nothing when disabled."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._writer is None:
+      return
+    for name, value in values.items():
+      self._writer.add_scalar(name, value, step)
+
+  def text(self, step: int, name: str, value: str) -> None:
+    if self._writer is not None:
+      self._writer.add_text(name, value.replace("\n", "  \n"), step)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
