@@ -25,6 +25,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlnas.spaces import base
 
@@ -146,54 +147,108 @@ class Controller:
       logits = self.tanh_constant * jnp.tanh(logits)
     return logits
 
-  def _unroll(self, mdl: _LSTMPolicy, rng, tokens, batch: int):
-    """Walks the decisions; samples where `tokens` is None, else teacher-forces.
+  def _step_tables(self):
+    """Per-decision constants driving the scan: kind, head, choices, position."""
+    names = [name for name, _ in self.head_sizes]
+    kind, head, choices, pos = [], [], [], []
+    offset = 0
+    for d in self.decisions:
+      kind.append(int(d.kind == base.ANCHOR))
+      head.append(names.index(d.head) if d.kind == base.CATEGORICAL else 0)
+      choices.append(d.num_choices)
+      pos.append(offset)
+      offset += d.num_tokens
+    as_int = lambda v: jnp.asarray(np.asarray(v, np.int32).reshape(-1))
+    return as_int(kind), as_int(head), as_int(choices), as_int(pos)
+
+  def _unroll(self, params, rng, tokens, batch: int):
+    """Walks the decisions in one `lax.scan`; samples, or teacher-forces `tokens`.
+
+    Compile time does not grow with the number of decisions: each step computes
+    every head's logits (a handful of tiny matmuls), masks them to the step's
+    head and choice count, and writes its tokens at the step's position.
 
     Returns tokens int32 [B, T], log_prob [B], entropy [B].
     """
-    x = jnp.broadcast_to(mdl.start, (batch, self.hidden_size))
-    zeros = jnp.zeros((batch, self.hidden_size), x.dtype)
-    carry = [(zeros, zeros)] * self.num_layers
-    keys = (jax.random.split(rng, max(len(self.decisions), 1))
-            if rng is not None else [None] * len(self.decisions))
-    anchor_h, anchor_proj = [], []
-    out_tokens, log_prob, entropy = [], jnp.zeros(batch), jnp.zeros(batch)
-    pos = 0
-    for key, d in zip(keys, self.decisions):
-      carry, h = mdl.step(carry, x)
-      if d.kind == base.CATEGORICAL:
-        logits = self._scale(mdl.logits(d.head, h))  # [B, N]
-        if tokens is None:
-          tok = jax.random.categorical(key, logits).astype(jnp.int32)
-        else:
-          tok = tokens[:, pos]
-        logp = jax.nn.log_softmax(logits)
-        log_prob += jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
-        entropy += -(jnp.exp(logp) * logp).sum(-1)
-        out_tokens.append(tok[:, None])
-        x = mdl.embedding(d.head, tok)
+    hidden, num_steps, num_tokens = self.hidden_size, len(self.decisions), self.num_tokens
+    max_anchor = max([d.num_choices for d in self.decisions if d.kind == base.ANCHOR],
+                     default=0) + 1
+    max_choices = max([n for _, n in self.head_sizes], default=1)
+    pad = lambda a, n, axis: jnp.pad(a, [(0, n - a.shape[axis]) if i == axis else (0, 0)
+                                         for i in range(a.ndim)])
+    names = [name for name, _ in self.head_sizes] or ["none"]
+    if self.head_sizes:
+      w_soft = jnp.stack([pad(params[f"softmax_{n}"]["kernel"], max_choices, 1) for n in names])
+      b_soft = jnp.stack([pad(params[f"softmax_{n}"]["bias"], max_choices, 0) for n in names])
+      emb = jnp.stack([pad(params[f"embed_{n}"]["embedding"], max_choices, 0) for n in names])
+    else:
+      w_soft = jnp.zeros((1, hidden, 1))
+      b_soft, emb = jnp.zeros((1, 1)), jnp.zeros((1, 1, hidden))
+    cell = nn.LSTMCell(hidden)
+    start = jnp.broadcast_to(params["start"], (batch, hidden))
+    w_prev, w_curr = params["w_prev"]["kernel"], params["w_curr"]["kernel"]
+    v = params["v"]["kernel"][:, 0]
+    # Token buffer with room for a full-width anchor write at the last position.
+    if tokens is None:
+      tok_in = jnp.zeros((batch, num_tokens + max_anchor), jnp.int32)
+    else:
+      tok_in = jnp.pad(tokens.astype(jnp.int32), ((0, 0), (0, max_anchor)))
+    keys = (jax.random.split(rng, num_steps) if rng is not None
+            else jnp.zeros((num_steps, 2), jnp.uint32))
+
+    def body(carry, xs):
+      lstm, x, anchor_h, anchor_p, n_anchor, buf, log_prob, entropy = carry
+      kind, head, choices, pos, key = xs
+      k_cat, k_anchor = jax.random.split(key)
+      new_lstm = []
+      for i, state in enumerate(lstm):
+        state, x = cell.apply({"params": params[f"lstm_{i}"]}, state, x)
+        new_lstm.append(state)
+      h = x
+      # Categorical decision: the step's head, choices beyond its size masked.
+      valid = jnp.arange(max_choices) < choices
+      logits = jnp.where(valid, self._scale(h @ w_soft[head] + b_soft[head]), -1e9)
+      logp = jax.nn.log_softmax(logits)
+      if tokens is None:
+        tok = jax.random.categorical(k_cat, logits).astype(jnp.int32)
       else:
-        if d.num_choices:
-          logits = self._scale(mdl.anchor_logits(jnp.stack(anchor_proj, 1), h))
-          if tokens is None:
-            bits = jax.random.bernoulli(key, jax.nn.sigmoid(logits)).astype(jnp.int32)
-          else:
-            bits = tokens[:, pos:pos + d.num_choices]
-          log_on, log_off = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
-          log_prob += jnp.where(bits == 1, log_on, log_off).sum(-1)
-          entropy += -(jnp.exp(log_on) * log_on + jnp.exp(log_off) * log_off).sum(-1)
-          out_tokens.append(bits)
-          chosen = bits.astype(h.dtype)
-          x = (chosen[..., None] * jnp.stack(anchor_h, 1)).sum(1) / (
-              1.0 + chosen.sum(-1, keepdims=True))
-        else:
-          x = jnp.broadcast_to(mdl.start, (batch, self.hidden_size))
-        anchor_h.append(h)
-        anchor_proj.append(mdl.project_anchor(h))
-      pos += d.num_tokens
-    toks = (jnp.concatenate(out_tokens, axis=1) if out_tokens
-            else jnp.zeros((batch, 0), jnp.int32))
-    return toks, log_prob, entropy
+        tok = jax.lax.dynamic_index_in_dim(tok_in, pos, axis=1, keepdims=False)
+      lp_cat = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
+      ent_cat = -jnp.where(valid, jnp.exp(logp) * logp, 0.0).sum(-1)
+      x_cat = emb[head][tok]
+      buf_cat = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], pos, axis=1)
+      # Anchor decision (Zoph & Le 2017, sec. 3.3): one Bernoulli per earlier layer.
+      live = jnp.arange(max_anchor) < choices
+      a_logits = self._scale(jnp.tanh(anchor_p + (h @ w_curr)[:, None]) @ v)
+      if tokens is None:
+        bits = jax.random.bernoulli(k_anchor, jax.nn.sigmoid(a_logits)).astype(jnp.int32)
+      else:
+        bits = jax.lax.dynamic_slice_in_dim(tok_in, pos, max_anchor, axis=1)
+      bits = jnp.where(live, bits, 0)
+      log_on, log_off = jax.nn.log_sigmoid(a_logits), jax.nn.log_sigmoid(-a_logits)
+      lp_anchor = jnp.where(live, jnp.where(bits == 1, log_on, log_off), 0.0).sum(-1)
+      ent_anchor = -jnp.where(live, jnp.exp(log_on) * log_on
+                              + jnp.exp(log_off) * log_off, 0.0).sum(-1)
+      chosen = bits.astype(h.dtype)
+      x_anchor = jnp.where(choices > 0, (chosen[..., None] * anchor_h).sum(1)
+                           / (1.0 + chosen.sum(-1, keepdims=True)), start)
+      buf_anchor = jax.lax.dynamic_update_slice_in_dim(buf, bits, pos, axis=1)
+      new_h = jax.lax.dynamic_update_slice_in_dim(anchor_h, h[:, None], n_anchor, axis=1)
+      new_p = jax.lax.dynamic_update_slice_in_dim(anchor_p, (h @ w_prev)[:, None],
+                                                  n_anchor, axis=1)
+      is_anchor = kind == 1
+      pick = lambda a, c: jnp.where(is_anchor, a, c)
+      carry = (new_lstm, pick(x_anchor, x_cat), pick(new_h, anchor_h),
+               pick(new_p, anchor_p), n_anchor + is_anchor, pick(buf_anchor, buf_cat),
+               log_prob + pick(lp_anchor, lp_cat), entropy + pick(ent_anchor, ent_cat))
+      return carry, None
+
+    zeros = jnp.zeros((batch, hidden))
+    carry = ([(zeros, zeros)] * self.num_layers, start,
+             jnp.zeros((batch, max_anchor, hidden)), jnp.zeros((batch, max_anchor, hidden)),
+             jnp.zeros((), jnp.int32), tok_in, jnp.zeros(batch), jnp.zeros(batch))
+    carry, _ = jax.lax.scan(body, carry, self._step_tables() + (keys,))
+    return carry[5][:, :num_tokens], carry[6], carry[7]
 
   @functools.partial(jax.jit, static_argnums=(0, 3))
   def sample(self, params, rng: jax.Array, num: int):
@@ -203,14 +258,11 @@ class Controller:
       tokens int32 [num, T], log_prob [num] (log p of each sample), entropy [num]
       (sum over decisions of each step's policy entropy, in nats).
     """
-    return self.module.apply({"params": params}, rng, None, num,
-                             method=lambda m, *a: self._unroll(m, *a))
+    return self._unroll(params, rng, None, num)
 
   @functools.partial(jax.jit, static_argnums=0)
   def log_prob(self, params, tokens: jax.Array):
     """Teacher-forced log p(tokens) [num] and entropy [num]; tokens [num, T]."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    _, log_prob, entropy = self.module.apply(
-        {"params": params}, None, tokens, tokens.shape[0],
-        method=lambda m, *a: self._unroll(m, *a))
+    _, log_prob, entropy = self._unroll(params, None, tokens, tokens.shape[0])
     return log_prob, entropy
