@@ -4,6 +4,7 @@ Overrides come from the command line as `--config.controller.learning_rate=3e-4`
 This is the only module that reads flags.
 """
 
+import os
 import sys
 
 from absl import app
@@ -32,6 +33,10 @@ def main(argv):
 
 
 def run():
+  # Configs import each other (`from configs import default`); `python -m`
+  # puts the working directory on sys.path, the console script does not.
+  if "" not in sys.path and os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
   app.run(main)
 
 
