@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.child.bn_momentum = 0.9
   # 'auto': Python loop over a jitted step on CPU, lax.scan per epoch on GPU/TPU.
   config.child.loop = "auto"
+  # Reject children whose feature maps shrink below this size (strides too
+  # large for the input): they fail with failure_reward. 1 = off.
+  config.child.min_spatial_size = 1
 
   config.reward = ml_collections.ConfigDict()
   # Reward = aggregate(last_k validation accuracies) ** power; the paper's is

@@ -7,12 +7,17 @@ or a weight-sharing evaluator plug into the same search loop.
 
 A child that cannot be built, diverges, raises or runs out of memory is a
 failed child with `config.search.failure_reward`, not a crash: a bad
-architecture is data for the controller.
+architecture is data for the controller. Its `error` says why and goes into
+the history.
+
+A stop request (SIGTERM/SIGINT) reaches a long child through the optional
+`should_stop` keyword of `evaluate`: the evaluator raises `Interrupted` (a
+BaseException, so no `except Exception` swallows it) and reports nothing for
+that child; the search loop retrains it when it resumes.
 """
 
 import dataclasses
-import traceback
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import ml_collections
@@ -25,6 +30,9 @@ from rlnas.spaces import base
 
 OK = "ok"
 FAILED = "failed"
+
+# Raised by `evaluate` when its `should_stop` returns True.
+Interrupted = trainer.ChildInterrupted
 
 
 @dataclasses.dataclass
@@ -56,7 +64,12 @@ class Evaluator(Protocol):
 
   def evaluate(self, archs: Sequence[base.Architecture],
                child_ids: Sequence[int]) -> list[ChildResult]:
-    """One result per architecture, in order. child_ids seed each child."""
+    """One result per architecture, in order. child_ids seed each child.
+
+    An evaluator whose children take long should also accept a keyword
+    `should_stop: Callable[[], bool]`, poll it, and raise `Interrupted` when
+    it returns True; the search loop passes it to evaluators that accept it.
+    """
 
 
 def child_rng(seed: int, child_id: int) -> jax.Array:
@@ -67,6 +80,15 @@ def child_rng(seed: int, child_id: int) -> jax.Array:
 def failed(reason: str, failure_reward: float, **metrics) -> ChildResult:
   return ChildResult(reward=failure_reward, status=FAILED, error=reason,
                      metrics=metrics)
+
+
+def describe_exception(e: BaseException) -> str:
+  """One line for the history: 'out of memory: ...' or 'raised Type: message'."""
+  text = str(e).strip()
+  line = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:500]
+  if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text:
+    return f"out of memory: {line}"
+  return f"raised {line}"
 
 
 class ChildTrainerEvaluator:
@@ -80,18 +102,20 @@ class ChildTrainerEvaluator:
     self.failure_reward = float(config.search.failure_reward)
     self.seed = int(config.seed)
 
-  def evaluate_one(self, arch: base.Architecture, child_id: int) -> ChildResult:
+  def evaluate_one(self, arch: base.Architecture, child_id: int,
+                   should_stop: Callable[[], bool] | None = None) -> ChildResult:
     try:
       model = child_lib.build_model(arch, self.dataset.num_classes, self.child_cfg)
       result = trainer.train_and_evaluate(
           model, self.dataset, self.child_cfg, self.augment_cfg,
-          child_rng(self.seed, child_id))
+          child_rng(self.seed, child_id), should_stop=should_stop)
     except trainer.ChildTrainingError as e:
       return failed(f"diverged: {e}", self.failure_reward)
+    except trainer.UnbuildableChildError as e:
+      return failed(f"unbuildable: {e}", self.failure_reward)
     except Exception as e:  # pylint: disable=broad-except
-      # Unbuildable shapes, XLA errors, out of memory: the child failed.
-      last = traceback.format_exception_only(type(e), e)[-1].strip()
-      return failed(f"{type(e).__name__}: {last[:500]}", self.failure_reward)
+      # XLA errors, out of memory, shapes no layer accepts: the child failed.
+      return failed(describe_exception(e), self.failure_reward)
     return ChildResult(
         reward=reinforce.reward_from_accuracies(result.val_accuracies, self.reward_cfg),
         val_accuracies=[round(a, 6) for a in result.val_accuracies],
@@ -101,8 +125,9 @@ class ChildTrainerEvaluator:
                  "final_train_loss": round(result.train_losses[-1], 6)})
 
   def evaluate(self, archs: Sequence[base.Architecture],
-               child_ids: Sequence[int]) -> list[ChildResult]:
-    return [self.evaluate_one(a, i) for a, i in zip(archs, child_ids)]
+               child_ids: Sequence[int], *,
+               should_stop: Callable[[], bool] | None = None) -> list[ChildResult]:
+    return [self.evaluate_one(a, i, should_stop) for a, i in zip(archs, child_ids)]
 
 
 _REGISTRY = {}
@@ -121,6 +146,8 @@ def make(config: ml_collections.ConfigDict, space) -> Evaluator:
   """The evaluator named by `config.search.evaluator`."""
   name = config.search.evaluator
   if name == "child_trainer":
+    # A space without a child network would fail every child; say so now.
+    child_lib.build_model(space.from_tokens([0] * space.num_tokens), 1, config.child)
     return ChildTrainerEvaluator(data_lib.load(config.data), config)
   if name in _REGISTRY:
     return _REGISTRY[name](config, space)

@@ -3,6 +3,8 @@
 - `history.jsonl`: one JSON line per child, appended and flushed (and fsynced)
   as soon as the child is evaluated, so a killed search loses nothing it
   finished. A torn last line (a kill mid-write) is detected and dropped on resume.
+- `history.discarded.jsonl`: lines a resumed search could not replay (e.g. the
+  config changed under `allow_config_change`), kept rather than deleted.
 - `best.json`: the best child so far, replaced atomically (write, then rename).
 - `tb/`: TensorBoard event files written by tensorboardX (no TensorFlow needed).
 """
@@ -14,7 +16,22 @@ from typing import Any, Iterable
 from absl import logging
 
 HISTORY = "history.jsonl"
+DISCARDED = "history.discarded.jsonl"
 BEST = "best.json"
+
+
+def _fsync_dir(path: str) -> None:
+  """Makes a rename in `path` durable (POSIX; a no-op where unsupported)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -26,6 +43,7 @@ def atomic_write_json(path: str, obj: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:
@@ -33,29 +51,41 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
 
   A corrupt line before the end is not a kill artefact; it raises.
   """
+  return load_history(workdir)[0]
+
+
+def load_history(workdir: str) -> tuple[list[dict[str, Any]], bool]:
+  """Like `read_history`, also saying whether a trailing line was dropped.
+
+  When it was, the file must be rewritten (`rewrite_history`) before anything
+  is appended to it.
+  """
   path = os.path.join(workdir, HISTORY)
   if not os.path.exists(path):
-    return []
+    return [], False
   with open(path) as f:
     lines = f.read().split("\n")
   records = []
   complete = lines[:-1]          # text after the last newline was never finished
+  dropped = bool(lines[-1])
   if lines[-1].strip():
     logging.warning("history.jsonl: dropping an unfinished last line (%d bytes), "
                     "left by an interrupted write", len(lines[-1]))
   for i, line in enumerate(complete):
     if not line.strip():
+      dropped = True
       continue
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
       if i == len(complete) - 1:
         logging.warning("history.jsonl: dropping a corrupt last line")
+        dropped = True
         continue
       raise ValueError(f"{path}: line {i + 1} is not valid JSON; the history is "
                        "damaged beyond a torn last line. Move it away or start "
                        "a new workdir.") from None
-  return records
+  return records, dropped
 
 
 def rewrite_history(workdir: str, records: Iterable[dict[str, Any]]) -> None:
@@ -68,6 +98,17 @@ def rewrite_history(workdir: str, records: Iterable[dict[str, Any]]) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+  _fsync_dir(workdir)
+
+
+def append_discarded(workdir: str, records: Iterable[dict[str, Any]],
+                     reason: str) -> None:
+  """Appends history lines a search will not use to history.discarded.jsonl."""
+  with open(os.path.join(workdir, DISCARDED), "a") as f:
+    for r in records:
+      f.write(json.dumps({**r, "discarded": reason}, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class HistoryWriter:

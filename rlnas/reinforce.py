@@ -14,6 +14,7 @@ the paper's is the maximum validation accuracy of the last 5 epochs, cubed (sec.
 4.1).
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.struct
@@ -38,9 +39,16 @@ class ReinforceState:
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam (Zoph & Le 2017, sec. 4.1: lr 0.0006), optional global-norm clipping."""
-  adam = optax.adam(cfg.learning_rate)
-  if cfg.get("grad_clip_norm"):
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
+  return _optimizer(float(cfg.learning_rate), float(cfg.get("grad_clip_norm") or 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(learning_rate: float, clip: float) -> optax.GradientTransformation:
+  # Cached: `tx` is a static field of ReinforceState, so a new object per run
+  # would recompile `jitted_update` for every search started in one process.
+  adam = optax.adam(learning_rate)
+  if clip:
+    return optax.chain(optax.clip_by_global_norm(clip), adam)
   return adam
 
 

@@ -11,14 +11,28 @@ appends one history line per child, replaces best.json, writes TensorBoard
 scalars and a checkpoint. Restarting in the same workdir resumes exactly:
 children already in the history are not trained again (their results are read
 back), everything else is recomputed from the checkpoint and `fold_in` keys.
+
+What survives what (tested in tests/test_survival.py):
+- SIGKILL at any moment: the history holds every child finished before it
+  (one fsynced line each; a torn last line is dropped on resume), the newest
+  complete checkpoint holds the controller after the last finished step, and
+  the resumed run replays the children of the unfinished step from the history
+  in order, so it ends with the same controller parameters, baseline and
+  history as a run never interrupted.
+- SIGTERM/SIGINT: the child in training stops at its next training step (for
+  evaluators that accept `should_stop`), is not recorded and is retrained on
+  resume; the search exits cleanly saying how to resume. A second signal
+  stops at once (still resumable).
 """
 
+import collections
 import dataclasses
+import inspect
 import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -26,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from rlnas import checkpointing
+from rlnas import data as data_lib
 from rlnas import evaluators
 from rlnas import records
 from rlnas import spaces
@@ -62,6 +77,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(s.checkpoints_to_keep >= 1, "config.search.checkpoints_to_keep must be >= 1")
   _check(s.max_consecutive_failures >= 1,
          "config.search.max_consecutive_failures must be >= 1")
+  _check(isinstance(s.failure_reward, (int, float)) and math.isfinite(s.failure_reward),
+         "config.search.failure_reward must be a finite number")
+  if s.strategy == "evolution":
+    e = config.evolution
+    _check(e.population_size >= 1 and e.sample_size >= 1,
+           "config.evolution.population_size and sample_size must be >= 1")
+    _check(e.sample_size <= e.population_size,
+           f"config.evolution.sample_size={e.sample_size} exceeds "
+           f"population_size={e.population_size}")
   d = s.depth_schedule
   if d.every_children:
     _check(d.every_children > 0 and d.add_layers >= 1 and d.start_layers >= 1,
@@ -85,6 +109,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(ch.batch_size >= 1 and ch.eval_batch_size >= 1,
            "config.child.batch_size and eval_batch_size must be >= 1")
     _check(ch.learning_rate > 0, "config.child.learning_rate must be > 0")
+    _check(ch.optimizer in ("momentum", "adam", "sgd"),
+           f"config.child.optimizer={ch.optimizer!r}; use 'momentum', 'adam' or 'sgd'")
+    _check(ch.lr_schedule in ("constant", "cosine"),
+           f"config.child.lr_schedule={ch.lr_schedule!r}; use 'constant' or 'cosine'")
+    _check(ch.weight_decay >= 0, "config.child.weight_decay must be >= 0")
+    _check(0.0 <= ch.bn_momentum < 1.0, "config.child.bn_momentum must be in [0, 1)")
+    _check(ch.get("min_spatial_size", 1) >= 1,
+           "config.child.min_spatial_size must be >= 1 (1 = off)")
     _check(ch.loop in ("auto", "python", "scan"),
            f"config.child.loop={ch.loop!r}; use 'auto', 'python' or 'scan'")
     _check(ch.head in ("gap", "flatten"),
@@ -115,7 +147,12 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if config.search.depth_schedule.every_children:
     space = space.with_num_layers(config.search.depth_schedule.start_layers)
   strategy = strategies.make(config, space.decisions)
-  evaluator = evaluators.make(config, space)
+  try:
+    evaluator = evaluators.make(config, space)
+  except data_lib.DataError:
+    raise
+  except ValueError as e:  # e.g. a space the evaluator cannot build children of
+    raise ConfigError(str(e)) from None
   return Setup(space, strategy, evaluator)
 
 
@@ -133,7 +170,7 @@ def space_at(config: ml_collections.ConfigDict, space, children_done: int):
 
 
 class _StopFlag:
-  """Turns SIGTERM/SIGINT into a request to stop after the current child."""
+  """Turns SIGTERM/SIGINT into a request to stop at the next safe point."""
 
   def __init__(self):
     self.signal = None
@@ -152,8 +189,11 @@ class _StopFlag:
     if self.signal is not None:      # a second signal: stop now
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
-    logging.warning("%s received: finishing the current child, then saving "
-                    "and exiting (send again to stop at once)", self.signal)
+    logging.warning("%s received: stopping the current child, saving and "
+                    "exiting (send again to stop at once)", self.signal)
+
+  def requested(self) -> bool:
+    return self.signal is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -167,6 +207,95 @@ def _history_record(step: int, index: int, child_id: int, arch, depth: int | Non
           "architecture": arch.to_json(), **result.to_json()}
 
 
+def _evaluate(evaluator, arch, child_id: int,
+              should_stop: Callable[[], bool]) -> ChildResult:
+  """One child; passes `should_stop` to evaluators that accept it."""
+  try:
+    takes_stop = "should_stop" in inspect.signature(evaluator.evaluate).parameters
+  except (TypeError, ValueError):
+    takes_stop = False
+  if takes_stop:
+    return evaluator.evaluate([arch], [child_id], should_stop=should_stop)[0]
+  return evaluator.evaluate([arch], [child_id])[0]
+
+
+class _History:
+  """history.jsonl of a running search: replays what a killed run left, appends.
+
+  On open, the lines of steps before the restored checkpoint are final; the
+  lines after them ("pending") belong to steps the checkpoint does not cover
+  and are replayed in order, each only if it is exactly the child the resumed
+  search proposes (same step, index, id and tokens). The first line that is
+  not, and every pending line after it, moves to history.discarded.jsonl.
+  """
+
+  def __init__(self, workdir: str, step: int, children_done: int,
+               discard_reason: str | None = None):
+    self.workdir = workdir
+    history, repaired = records.load_history(workdir)
+    n_done = 0
+    while n_done < len(history) and history[n_done]["step"] < step:
+      n_done += 1
+    self.done = history[:n_done]
+    pending = history[n_done:]
+    if n_done != children_done or any(r["step"] < step for r in pending):
+      raise RuntimeError(
+          f"{workdir}: history.jsonl holds {n_done} children before step {step} "
+          f"but the checkpoint counts {children_done}; the workdir was modified "
+          "by hand. Start a new workdir.")
+    if pending and discard_reason:
+      records.append_discarded(workdir, pending, discard_reason)
+      logging.warning("%d children of unfinished steps moved to %s: %s",
+                      len(pending), records.DISCARDED, discard_reason)
+      pending, repaired = [], True
+    if repaired:
+      records.rewrite_history(workdir, self.done + pending)
+    self.pending = collections.deque(pending)
+    self.lines = n_done        # lines in the file that are not pending
+    self.replayed = 0
+    self._writer = records.HistoryWriter(workdir)
+
+  def replay(self, record: dict[str, Any]) -> ChildResult | None:
+    """The recorded result of the child `record` describes, if the file has it."""
+    if not self.pending:
+      return None
+    old = self.pending[0]
+    if all(old.get(k) == record[k] for k in ("step", "index", "child_id", "tokens")):
+      self.pending.popleft()
+      self.lines += 1
+      self.replayed += 1
+      return ChildResult.from_json(old)
+    self._discard("not what the resumed search proposes (code or config changed)")
+    return None
+
+  def append(self, record: dict[str, Any]) -> None:
+    if self.pending:
+      self._discard("not what the resumed search proposes (code or config changed)")
+    self._writer.append(record)
+    self.lines += 1
+
+  def drop_last(self, num: int, reason: str) -> None:
+    """Moves the last `num` lines to history.discarded.jsonl (retried on resume)."""
+    self._rewrite(self.lines - num, reason)
+
+  def _discard(self, reason: str) -> None:
+    self._rewrite(self.lines, reason)
+
+  def _rewrite(self, keep: int, reason: str) -> None:
+    self._writer.close()
+    history = records.read_history(self.workdir)
+    records.append_discarded(self.workdir, history[keep:], reason)
+    logging.warning("%d history lines moved to %s: %s", len(history) - keep,
+                    records.DISCARDED, reason)
+    records.rewrite_history(self.workdir, history[:keep])
+    self.pending.clear()
+    self.lines = keep
+    self._writer = records.HistoryWriter(self.workdir)
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 def _fmt_minutes(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -176,15 +305,28 @@ def _fmt_minutes(seconds: float) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the search described by `config` in `workdir`.
 
+  Every check of the config and of the workdir happens before anything is
+  written: a bad config leaves the workdir as it was.
+
   Returns a summary: children done, best reward and architecture, why it stopped.
   """
   setup = prepare(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-  resuming = os.path.isdir(workdir) and checkpointing.check_workdir_config(config, workdir)
+  changed = (checkpointing.check_workdir_config(config, workdir)
+             if os.path.isdir(workdir) else None)
+  # From the first write on, SIGTERM/SIGINT only request a stop, honoured at
+  # the next safe point (at the latest the next training step of a child).
+  with _StopFlag() as stop_flag:
+    return _search(config, workdir, setup, changed, stop_flag)
+
+
+def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
+            changed: list[str] | None, stop_flag: _StopFlag) -> dict[str, Any]:
+  """The body of `run`, once config and workdir are checked."""
   os.makedirs(workdir, exist_ok=True)
-  if not resuming:
-    checkpointing.save_config(config, workdir)
+  # The workdir's config.json is the config the run continues with.
+  checkpointing.save_config(config, workdir)
 
   s = config.search
   space, strategy, evaluator = setup.space, setup.strategy, setup.evaluator
@@ -199,116 +341,131 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("resuming %s at controller step %d (%d children done)",
                  workdir, loop["step"], loop["children_done"])
 
-  # Children evaluated after the last checkpoint are replayed, not retrained.
-  history = records.read_history(workdir)
-  done = [r for r in history if r["step"] < loop["step"]]
-  replay = {(r["step"], r["index"]): r for r in history if r["step"] >= loop["step"]}
-  if len(done) != loop["children_done"]:
-    raise RuntimeError(
-        f"{workdir}: history.jsonl holds {len(done)} children before step "
-        f"{loop['step']} but the checkpoint counts {loop['children_done']}; "
-        "the workdir was modified by hand. Start a new workdir.")
-  if len(done) != len(history) or replay:
-    records.rewrite_history(workdir, done)
-  best = max(done, key=lambda r: r["reward"]) if done else None
+  # Children evaluated after the last checkpoint are replayed, not retrained,
+  # unless the config changed (then their results may no longer hold).
+  history = _History(
+      workdir, loop["step"], loop["children_done"],
+      discard_reason=(f"config changed ({', '.join(changed[:5])})"
+                      if changed else None))
+  if history.pending:
+    logging.info("%d children after the checkpoint will be read back from %s, "
+                 "not retrained", len(history.pending), records.HISTORY)
+  best = max(history.done, key=lambda r: r["reward"]) if history.done else None
 
-  writer = records.HistoryWriter(workdir)
   scalars = records.ScalarWriter(workdir, enabled=s.tensorboard)
   session_start, session_children = time.perf_counter(), 0
   elapsed_before = loop["elapsed_seconds"]
   stop_reason = None
   try:
-    with _StopFlag() as stop_flag:
-      while True:
-        elapsed = elapsed_before + time.perf_counter() - session_start
-        if loop["children_done"] >= s.max_children:
-          stop_reason = "max_children"
-        elif s.max_minutes and elapsed >= 60 * s.max_minutes:
-          stop_reason = "max_minutes"
-        elif s.patience_steps and loop["steps_since_improvement"] >= s.patience_steps:
-          stop_reason = "no_improvement"
-        elif stop_flag.signal:
-          stop_reason = f"signal_{stop_flag.signal}"
-        if stop_reason:
-          break
+    while True:
+      elapsed = elapsed_before + time.perf_counter() - session_start
+      if loop["children_done"] >= s.max_children:
+        stop_reason = "max_children"
+      elif s.max_minutes and elapsed >= 60 * s.max_minutes:
+        stop_reason = "max_minutes"
+      elif s.patience_steps and loop["steps_since_improvement"] >= s.patience_steps:
+        stop_reason = "no_improvement"
+      elif stop_flag.signal:
+        stop_reason = f"signal_{stop_flag.signal}"
+      if stop_reason:
+        break
 
-        step, first_id = loop["step"], loop["children_done"]
-        num = min(s.children_per_step, s.max_children - first_id)
-        step_space = space_at(config, space, first_id)
-        decisions = step_space.decisions
-        depth = getattr(step_space, "num_layers", None)
-        tokens = strategy.propose(state, step, num, decisions)
-        archs = [step_space.from_tokens(t) for t in tokens]
-        results: list[ChildResult | None] = [None] * num
-        for i, arch in enumerate(archs):
-          old = replay.get((step, i))
-          if old is not None and old["tokens"] == list(arch.tokens):
-            results[i] = ChildResult.from_json(old)
-        for i in range(num):
-          if results[i] is None:
-            if stop_flag.signal:
-              break
-            results[i] = evaluator.evaluate([archs[i]], [first_id + i])[0]
-            session_children += 1
-          writer.append(_history_record(step, i, first_id + i, archs[i], depth,
-                                        results[i]))
-        if any(r is None for r in results):
-          stop_reason = f"signal_{stop_flag.signal}"
-          break
+      step, first_id = loop["step"], loop["children_done"]
+      num = min(s.children_per_step, s.max_children - first_id)
+      step_space = space_at(config, space, first_id)
+      decisions = step_space.decisions
+      depth = getattr(step_space, "num_layers", None)
+      tokens = strategy.propose(state, step, num, decisions)
+      archs = [step_space.from_tokens(t) for t in tokens]
+      results: list[ChildResult] = []
+      for i, arch in enumerate(archs):
+        record = {"step": step, "index": i, "child_id": first_id + i,
+                  "tokens": list(arch.tokens)}
+        result = history.replay(record)
+        if result is None:
+          if stop_flag.signal:
+            break
+          try:
+            result = _evaluate(evaluator, arch, first_id + i, stop_flag.requested)
+          except evaluators.Interrupted:
+            logging.warning("child %d interrupted; it will be retrained on "
+                            "resume", first_id + i)
+            break
+          session_children += 1
+          history.append(_history_record(step, i, first_id + i, arch, depth,
+                                         result))
+        results.append(result)
+      if len(results) < num:
+        stop_reason = f"signal_{stop_flag.signal}"
+        break
 
-        rewards = np.array([r.reward for r in results], np.float32)
-        for r in results:
-          loop["consecutive_failures"] = (
-              loop["consecutive_failures"] + 1 if r.status != evaluators.OK else 0)
-        if loop["consecutive_failures"] >= s.max_consecutive_failures:
-          raise SearchAborted(
-              f"{loop['consecutive_failures']} children failed in a row (last: "
-              f"{results[-1].error}); this is not a bad architecture but a bad "
-              "setup (data, learning rate, memory). Fix it and resume.")
-        state, metrics = strategy.update(state, tokens, rewards, decisions)
+      rewards = np.array([r.reward for r in results], np.float32)
+      for r in results:
+        loop["consecutive_failures"] = (
+            loop["consecutive_failures"] + 1 if r.status != evaluators.OK else 0)
+      if loop["consecutive_failures"] >= s.max_consecutive_failures:
+        # Retried on resume: the cause (memory, data, settings) may be fixed.
+        history.drop_last(num, "search aborted after too many failed children; "
+                          "this step is retried on resume")
+        raise SearchAborted(
+            f"{loop['consecutive_failures']} children failed in a row (last: "
+            f"{results[-1].error}). That points at the setup (data, learning "
+            "rate, memory), not at the architectures: fix it and rerun the "
+            f"same command to resume from child {first_id} "
+            "(config.search.max_consecutive_failures sets the limit).")
+      state, metrics = strategy.update(state, tokens, rewards, decisions)
 
-        step_best = int(np.argmax(rewards))
-        if rewards[step_best] > loop["best_reward"]:
-          loop["best_reward"] = float(rewards[step_best])
-          loop["steps_since_improvement"] = 0
-          best = _history_record(step, step_best, first_id + step_best,
-                                 archs[step_best], depth, results[step_best])
-          records.atomic_write_json(os.path.join(workdir, records.BEST), best)
-        else:
-          loop["steps_since_improvement"] += 1
-        loop["step"] += 1
-        loop["children_done"] += num
-        loop["elapsed_seconds"] = elapsed_before + time.perf_counter() - session_start
-        ckpt.save(loop["step"], state, loop)
+      step_best = int(np.argmax(rewards))
+      if rewards[step_best] > loop["best_reward"]:
+        loop["best_reward"] = float(rewards[step_best])
+        loop["steps_since_improvement"] = 0
+        best = _history_record(step, step_best, first_id + step_best,
+                               archs[step_best], depth, results[step_best])
+        records.atomic_write_json(os.path.join(workdir, records.BEST), best)
+      else:
+        loop["steps_since_improvement"] += 1
+      loop["step"] += 1
+      loop["children_done"] += num
+      loop["elapsed_seconds"] = elapsed_before + time.perf_counter() - session_start
+      ckpt.save(loop["step"], state, loop)
 
-        rate = session_children / max(time.perf_counter() - session_start, 1e-9) * 60
-        left = s.max_children - loop["children_done"]
-        eta = left / rate * 60 if rate > 0 else float("inf")
-        if s.max_minutes:
-          eta = min(eta, 60 * s.max_minutes - loop["elapsed_seconds"])
-        logging.info(
-            "step %d  children %d/%d  reward mean %.4f  baseline %s  best %.4f  "
-            "%.1f children/min  ETA %s", step, loop["children_done"], s.max_children,
-            rewards.mean(), f"{metrics['baseline']:.4f}" if "baseline" in metrics else "-",
-            loop["best_reward"], rate, _fmt_minutes(eta))
-        scalars.scalars(loop["children_done"], {
-            "reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
-            "reward/best_so_far": loop["best_reward"],
-            "children_per_minute": rate,
-            "failed_children": sum(r.status != evaluators.OK for r in results),
-            **{f"controller/{k}": v for k, v in metrics.items()}})
+      rate = session_children / max(time.perf_counter() - session_start, 1e-9) * 60
+      left = s.max_children - loop["children_done"]
+      eta = left / rate * 60 if rate > 0 else float("inf")
+      if s.max_minutes:
+        eta = min(eta, 60 * s.max_minutes - loop["elapsed_seconds"])
+      logging.info(
+          "step %d  children %d/%d  reward mean %.4f  baseline %s  best %.4f  "
+          "%.1f children/min  ETA %s", step, loop["children_done"], s.max_children,
+          rewards.mean(), f"{metrics['baseline']:.4f}" if "baseline" in metrics else "-",
+          loop["best_reward"], rate, _fmt_minutes(eta))
+      scalars.scalars(loop["children_done"], {
+          "reward/mean": float(rewards.mean()), "reward/max": float(rewards.max()),
+          "reward/best_so_far": loop["best_reward"],
+          "children_per_minute": rate,
+          "failed_children": sum(r.status != evaluators.OK for r in results),
+          **{f"controller/{k}": v for k, v in metrics.items()}})
+  except KeyboardInterrupt:
+    if not stop_flag.signal:
+      raise
+    # A second signal: whatever was mid-write is detected on resume.
+    stop_reason = f"signal_{stop_flag.signal}_twice"
   finally:
-    writer.close()
+    history.close()
     scalars.close()
     ckpt.close()
 
   if stop_reason and stop_reason.startswith("signal"):
-    logging.warning("stopped by %s after %d children; resume with the same "
-                    "command (same --config and --workdir=%s)", stop_reason[7:],
-                    loop["children_done"], workdir)
+    logging.warning(
+        "stopped by %s: %d children recorded in history.jsonl, %d controller "
+        "steps checkpointed. Resume by running the same command again (same "
+        "--config and --workdir=%s); recorded children are read back, not "
+        "retrained.", stop_flag.signal, history.lines, loop["step"], workdir)
   summary = {"stop_reason": stop_reason, "children_done": loop["children_done"],
              "controller_steps": loop["step"], "best_reward": loop["best_reward"],
-             "best": best, "elapsed_seconds": loop["elapsed_seconds"]}
+             "best": best, "elapsed_seconds": loop["elapsed_seconds"],
+             "children_replayed": history.replayed,
+             "children_evaluated": session_children}
   logging.info("search stopped (%s): %d children, best reward %.4f", stop_reason,
                loop["children_done"], loop["best_reward"])
   if best is not None:

@@ -18,10 +18,12 @@ learning rate 0.1, weight decay 1e-4.
 """
 
 import dataclasses
+import functools
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,18 @@ from rlnas import data as data_lib
 
 class ChildTrainingError(RuntimeError):
   """The child diverged (non-finite loss); the search records it as failed."""
+
+
+class UnbuildableChildError(ValueError):
+  """The architecture makes no usable network on this input; a failed child."""
+
+
+class ChildInterrupted(BaseException):  # pylint: disable=g-bad-exception-name
+  """`should_stop` asked training to stop (SIGTERM/SIGINT); nothing is reported.
+
+  A BaseException, like KeyboardInterrupt, so that the `except Exception` that
+  turns a crashing child into a failed one never swallows a stop request.
+  """
 
 
 class TrainState(train_state.TrainState):
@@ -94,6 +108,44 @@ def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def feature_map_sizes(model: nn.Module, input_shape: tuple[int, ...]
+                      ) -> list[tuple[str, tuple[int, int]]]:
+  """(module path, (H, W)) of every convolution output, for one input [1, *input_shape].
+
+  Traced with `jax.eval_shape`: nothing is compiled or allocated.
+  """
+  is_conv = lambda module, method: isinstance(module, nn.Conv) and method == "__call__"
+  init = functools.partial(model.init_with_output, capture_intermediates=is_conv)
+  _, variables = jax.eval_shape(init, jax.random.PRNGKey(0),
+                                jnp.zeros((1,) + tuple(input_shape), jnp.float32))
+  flat = traverse_util.flatten_dict(variables.get("intermediates", {}), sep="/")
+  return [(path.removesuffix("/__call__"), tuple(out.shape[1:3]))
+          for path, outs in sorted(flat.items()) for out in outs if out.ndim == 4]
+
+
+def check_spatial_size(model: nn.Module, input_shape: tuple[int, ...],
+                       min_size: int) -> None:
+  """Raises UnbuildableChildError if a feature map shrinks below `min_size`.
+
+  With SAME padding a strided convolution never reaches size 0 (it stops at
+  ceil(size / stride) >= 1), so a child always builds; but a map squeezed to
+  1x1 by early strides leaves later kernels nothing to see. `min_size` (from
+  `config.child.min_spatial_size`, 1 = off) refuses such children. An input
+  dimension already smaller than `min_size` (1D signals run as 1 x L images)
+  is held to its own size.
+  """
+  if min_size <= 1:
+    return
+  spatial = (1,) * (3 - len(input_shape)) + tuple(input_shape[:-1])
+  for path, hw in feature_map_sizes(model, input_shape):
+    for size, full in zip(hw, spatial[-2:]):
+      if size < min(min_size, full):
+        raise UnbuildableChildError(
+            f"{path} outputs a {hw[0]}x{hw[1]} feature map, smaller than "
+            f"config.child.min_spatial_size={min_size} (strides too large for "
+            f"a {spatial[-2]}x{spatial[-1]} input)")
+
+
 def _loss_fn(params, state: TrainState, images, labels, rng, mean, std, augment):
   x = data_lib.preprocess(images, mean, std)
   if augment["random_crop_padding"] or augment["horizontal_flip"]:
@@ -145,8 +197,11 @@ def _padded_batches(images: np.ndarray, labels: np.ndarray, batch: int):
 
 def train_and_evaluate(model: nn.Module, dataset: data_lib.Dataset,
                        cfg: ml_collections.ConfigDict, augment_cfg,
-                       rng: jax.Array, *, keep_state: bool = False) -> TrainResult:
-  """Trains `model` on dataset.train, validating after every epoch.
+                       rng: jax.Array, *, keep_state: bool = False,
+                       eval_split: str = "validation",
+                       epoch_callback=None,
+                       should_stop: Callable[[], bool] | None = None) -> TrainResult:
+  """Trains `model` on dataset.train, evaluating on `eval_split` after every epoch.
 
   Args:
     model: a Flax module called as model(x [B, ...], train=bool) -> logits.
@@ -156,12 +211,29 @@ def train_and_evaluate(model: nn.Module, dataset: data_lib.Dataset,
     rng: the child's key; derived from its identity so results do not depend
       on which process or device trains it.
     keep_state: return the trained TrainState (for retraining/checkpoints).
+    eval_split: the split of `dataset` evaluated after every epoch and
+      reported as `val_accuracies`: "validation" in a search; "test" only in
+      the final retraining (rlnas.retrain), which renames it test accuracy.
+    epoch_callback: called as epoch_callback(epoch, train_loss, accuracy)
+      after every epoch (progress logging of long retraining runs).
+    should_stop: polled before compiling and before every training step
+      (every epoch with loop="scan"); when it returns True training stops by
+      raising ChildInterrupted. This bounds how long a preempted search waits.
 
   Raises:
     ChildTrainingError: the training loss became NaN or infinite.
+    UnbuildableChildError: a feature map shrinks below cfg.min_spatial_size.
+    ChildInterrupted: `should_stop()` returned True.
   """
+  def check_stop():
+    if should_stop is not None and should_stop():
+      raise ChildInterrupted("stop requested")
+
   t_start = time.perf_counter()
-  train, val = dataset.train, dataset.validation
+  if eval_split not in ("validation", "test") or getattr(dataset, eval_split) is None:
+    raise ValueError(f"eval_split={eval_split!r}: dataset has no such split "
+                     "(load the test split with data.load(..., with_test=True))")
+  train, val = dataset.train, getattr(dataset, eval_split)
   n = len(train.labels)
   batch = min(cfg.batch_size, n)
   steps_per_epoch = n // batch
@@ -180,6 +252,8 @@ def train_and_evaluate(model: nn.Module, dataset: data_lib.Dataset,
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables.get("batch_stats", {}), tx=tx)
 
+  check_spatial_size(model, images.shape[1:], int(cfg.get("min_spatial_size", 1)))
+  check_stop()
   # Compile everything up front: the split between compile and train seconds
   # is what the child-throughput benchmark and the history report.
   state_shape = jax.eval_shape(init, init_rng)
@@ -205,9 +279,11 @@ def train_and_evaluate(model: nn.Module, dataset: data_lib.Dataset,
     perm = perm[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
     perm = perm.astype(jnp.int32)
     epoch_rng = jax.random.fold_in(aug_rng, epoch)
+    check_stop()
     if loop == "python":
       epoch_losses = []
       for s in range(steps_per_epoch):
+        check_stop()
         state, loss = step_c(state, images, labels, perm[s],
                              jax.random.fold_in(epoch_rng, s), mean, std)
         epoch_losses.append(loss)
@@ -221,6 +297,8 @@ def train_and_evaluate(model: nn.Module, dataset: data_lib.Dataset,
                   for b in range(v_images.shape[0]))
     val_accs.append(correct / len(val.labels))
     losses.append(epoch_loss)
+    if epoch_callback is not None:
+      epoch_callback(epoch, epoch_loss, val_accs[-1])
   train_seconds = time.perf_counter() - t_start - compile_seconds
   return TrainResult(val_accuracies=val_accs, train_losses=losses,
                      num_params=count_params(state.params),
