@@ -139,4 +139,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ""
   config.distributed.num_processes = 1
   config.distributed.process_id = 0
+  # A process that stops sending heartbeats this long is dead, and JAX stops
+  # the others (jax.distributed.initialize; 100 s and 300 s are JAX's defaults).
+  config.distributed.heartbeat_timeout_seconds = 100
+  config.distributed.initialization_timeout_seconds = 300
+  # How long a finished process waits for the others at exit.
+  config.distributed.shutdown_timeout_seconds = 60
+  # Longest wait for another process (a child's result, a step boundary) before
+  # the job is declared stuck; must exceed the longest child's training time.
+  config.distributed.collective_timeout_seconds = 3600
+  # Children trained at once on each local device (threads); more than 1 can
+  # fill a large GPU with small children.
+  config.distributed.children_per_device = 1
   return config

@@ -43,6 +43,11 @@ RESUMABLE_CHANGES = (
 )
 
 
+# How a run is launched (coordinator address, process ids and counts,
+# timeouts) changes between launches without changing the search.
+LAUNCH_FIELDS = ("distributed.",)
+
+
 class WorkdirMismatchError(ValueError):
   """The workdir holds a run made with a different config."""
 
@@ -86,7 +91,8 @@ def check_workdir_config(config: ml_collections.ConfigDict,
   current = _flatten(config_dict(config))
   differing = sorted(k for k in set(saved) | set(current)
                      if saved.get(k) != current.get(k)
-                     and k not in RESUMABLE_CHANGES)
+                     and k not in RESUMABLE_CHANGES
+                     and not k.startswith(LAUNCH_FIELDS))
   if differing and not config.search.get("allow_config_change", False):
     details = "; ".join(f"{k}: workdir has {saved.get(k)!r}, config has "
                         f"{current.get(k)!r}" for k in differing[:10])
@@ -126,11 +132,19 @@ class Checkpointer:
     self._manager = self._new_manager()
 
   def _new_manager(self) -> ocp.CheckpointManager:
+    # In a multi-process job only process 0 saves and restores (the others
+    # get its state through rlnas.distributed); without `active_processes`
+    # Orbax would wait at barriers for processes that never come. With it,
+    # Orbax leaves creating the directory to us.
+    me = jax.process_index()
+    os.makedirs(self.directory, exist_ok=True)
     return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True))
+            max_to_keep=self._keep, create=False, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})))
 
   @staticmethod
   def _tree(state: Any, loop: dict[str, Any]) -> dict[str, Any]:

@@ -10,16 +10,17 @@ import sys
 from typing import Any, Callable
 
 from absl import logging
-import jax
 import ml_collections
 
 from rlnas import checkpointing
 from rlnas import data
+from rlnas import distributed
 from rlnas import search
 from rlnas.spaces import base
 
 USER_ERRORS = (search.ConfigError, data.DataError, base.ArchitectureError,
-               checkpointing.WorkdirMismatchError, search.SearchAborted)
+               checkpointing.WorkdirMismatchError, search.SearchAborted,
+               distributed.DistributedError)
 EXIT_USER_ERROR = 2
 
 
@@ -37,14 +38,7 @@ def quiet_library_logs() -> None:
 
 def init_distributed(cfg: ml_collections.ConfigDict | None) -> None:
   """Starts JAX's multi-process runtime when the config asks for it."""
-  if cfg is None:
-    return
-  if cfg.coordinator_address:
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes,
-                               process_id=cfg.process_id)
-  elif cfg.enabled:
-    jax.distributed.initialize()  # TPU VMs, SLURM, ... detect their peers.
+  distributed.initialize(cfg)  # TPU VMs, SLURM, ... detect their peers.
 
 
 def report_user_errors(fn: Callable[[], Any]) -> int:
@@ -52,8 +46,7 @@ def report_user_errors(fn: Callable[[], Any]) -> int:
   try:
     fn()
   except USER_ERRORS as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e} ({type(e).__name__})", file=sys.stderr)
     return EXIT_USER_ERROR
   return 0
 

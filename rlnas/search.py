@@ -41,6 +41,7 @@ import numpy as np
 
 from rlnas import checkpointing
 from rlnas import data as data_lib
+from rlnas import distributed
 from rlnas import evaluators
 from rlnas import records
 from rlnas import spaces
@@ -153,6 +154,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
     raise
   except ValueError as e:  # e.g. a space the evaluator cannot build children of
     raise ConfigError(str(e)) from None
+  try:  # several processes or local devices: spread each step's children
+    evaluator = distributed.wrap(evaluator, config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   return Setup(space, strategy, evaluator)
 
 
@@ -200,6 +205,43 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
+def _evaluate_in_parallel(group, evaluator, history, step: int, first_id: int,
+                          archs, depth: int | None,
+                          should_stop) -> tuple[list[ChildResult], int]:
+  """All children of a step at once, over every process and device (rlnas.distributed).
+
+  Process 0 reads back what the history already holds (always a prefix of the
+  step) and sends it to the others; the rest are evaluated together, and
+  process 0 appends each to the history once it and all before it are done.
+
+  Returns:
+    The step's results and how many of them were evaluated (not read back).
+  """
+  replayed = []
+  if group.is_primary:
+    for i, arch in enumerate(archs):
+      result = history.replay({"step": step, "index": i, "child_id": first_id + i,
+                               "tokens": list(arch.tokens)})
+      if result is None:
+        break
+      replayed.append(result.to_json())
+  results = [ChildResult.from_json(r)
+             for r in group.broadcast_json("replayed", replayed)]
+  k = len(results)
+  if k == len(archs):
+    return results, 0
+
+  def record(j: int, result: ChildResult) -> None:
+    if group.is_primary:
+      history.append(_history_record(step, k + j, first_id + k + j, archs[k + j],
+                                     depth, result))
+
+  fresh = evaluator.evaluate(
+      archs[k:], list(range(first_id + k, first_id + len(archs))),
+      should_stop=should_stop, on_result=record)
+  return results + fresh, len(fresh)
+
+
 def _history_record(step: int, index: int, child_id: int, arch, depth: int | None,
                     result: ChildResult) -> dict[str, Any]:
   return {"step": step, "index": index, "child_id": child_id, "depth": depth,
@@ -217,6 +259,20 @@ def _evaluate(evaluator, arch, child_id: int,
   if takes_stop:
     return evaluator.evaluate([arch], [child_id], should_stop=should_stop)[0]
   return evaluator.evaluate([arch], [child_id])[0]
+
+
+class _NoHistory:
+  """What processes other than 0 hold instead of the history: nothing."""
+  done, pending, lines, replayed = (), (), 0, 0
+
+  def append(self, record: dict[str, Any]) -> None:
+    del record
+
+  def drop_last(self, num: int, reason: str) -> None:
+    del num, reason
+
+  def close(self) -> None:
+    pass
 
 
 class _History:
@@ -308,51 +364,64 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Every check of the config and of the workdir happens before anything is
   written: a bad config leaves the workdir as it was.
 
+  In a multi-process job every process calls it with the same config; only
+  process 0 reads and writes the workdir, the others receive its state
+  (rlnas.distributed).
+
   Returns a summary: children done, best reward and architecture, why it stopped.
   """
-  setup = prepare(config)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-  changed = (checkpointing.check_workdir_config(config, workdir)
-             if os.path.isdir(workdir) else None)
-  # From the first write on, SIGTERM/SIGINT only request a stop, honoured at
-  # the next safe point (at the latest the next training step of a child).
-  with _StopFlag() as stop_flag:
-    return _search(config, workdir, setup, changed, stop_flag)
+  # A process that fails tells the others, which would otherwise wait for it.
+  with distributed.abort_peers_on_error():
+    setup = prepare(config)
+    group = distributed.group(config.get("distributed"))
+    changed = None
+    if group.is_primary:
+      if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+      changed = (checkpointing.check_workdir_config(config, workdir)
+                 if os.path.isdir(workdir) else None)
+    # From the first write on, SIGTERM/SIGINT only request a stop, honoured at
+    # the next safe point (at the latest the next training step of a child).
+    with _StopFlag() as stop_flag:
+      return _search(config, workdir, setup, changed, stop_flag, group)
 
 
 def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
-            changed: list[str] | None, stop_flag: _StopFlag) -> dict[str, Any]:
+            changed: list[str] | None, stop_flag: _StopFlag,
+            group: distributed.Group) -> dict[str, Any]:
   """The body of `run`, once config and workdir are checked."""
-  os.makedirs(workdir, exist_ok=True)
-  # The workdir's config.json is the config the run continues with.
-  checkpointing.save_config(config, workdir)
+  primary = group.is_primary
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+    # The workdir's config.json is the config the run continues with.
+    checkpointing.save_config(config, workdir)
 
   s = config.search
   space, strategy, evaluator = setup.space, setup.strategy, setup.evaluator
-  ckpt = checkpointing.Checkpointer(workdir, s.checkpoints_to_keep)
+  ckpt = checkpointing.Checkpointer(workdir, s.checkpoints_to_keep) if primary else None
   loop = {"step": 0, "children_done": 0, "best_reward": -np.inf,
           "steps_since_improvement": 0, "elapsed_seconds": 0.0,
           "consecutive_failures": 0}
   state = strategy.init_state()
-  restored = ckpt.restore(state, loop)
+  restored = ckpt.restore(state, loop) if primary else None
   if restored is not None:
     _, state, loop = restored
     logging.info("resuming %s at controller step %d (%d children done)",
                  workdir, loop["step"], loop["children_done"])
+  state, loop = group.from_primary(state, loop)
 
   # Children evaluated after the last checkpoint are replayed, not retrained,
   # unless the config changed (then their results may no longer hold).
   history = _History(
       workdir, loop["step"], loop["children_done"],
       discard_reason=(f"config changed ({', '.join(changed[:5])})"
-                      if changed else None))
+                      if changed else None)) if primary else _NoHistory()
   if history.pending:
     logging.info("%d children after the checkpoint will be read back from %s, "
                  "not retrained", len(history.pending), records.HISTORY)
   best = max(history.done, key=lambda r: r["reward"]) if history.done else None
 
-  scalars = records.ScalarWriter(workdir, enabled=s.tensorboard)
+  scalars = records.ScalarWriter(workdir, enabled=s.tensorboard and primary)
   session_start, session_children = time.perf_counter(), 0
   elapsed_before = loop["elapsed_seconds"]
   stop_reason = None
@@ -367,6 +436,8 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         stop_reason = "no_improvement"
       elif stop_flag.signal:
         stop_reason = f"signal_{stop_flag.signal}"
+      # Process 0's budgets, or a signal that reached any process.
+      stop_reason = group.agree("stop", stop_reason)
       if stop_reason:
         break
 
@@ -378,7 +449,19 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
       tokens = strategy.propose(state, step, num, decisions)
       archs = [step_space.from_tokens(t) for t in tokens]
       results: list[ChildResult] = []
-      for i, arch in enumerate(archs):
+      parallel = getattr(evaluator, "parallel", False)
+      if parallel:
+        try:
+          results, evaluated = _evaluate_in_parallel(
+              group, evaluator, history, step, first_id, archs, depth,
+              stop_flag.requested)
+        except evaluators.Interrupted as e:
+          logging.warning("%s", e)
+          stop_reason = f"signal_{stop_flag.signal or 'on_another_process'}"
+          break
+        session_children += evaluated
+      # One child at a time (one process, one device).
+      for i, arch in enumerate(() if parallel else archs):
         record = {"step": step, "index": i, "child_id": first_id + i,
                   "tokens": list(arch.tokens)}
         result = history.replay(record)
@@ -414,6 +497,7 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
             f"same command to resume from child {first_id} "
             "(config.search.max_consecutive_failures sets the limit).")
       state, metrics = strategy.update(state, tokens, rewards, decisions)
+      state = group.sync_state(state, step)
 
       step_best = int(np.argmax(rewards))
       if rewards[step_best] > loop["best_reward"]:
@@ -421,13 +505,15 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         loop["steps_since_improvement"] = 0
         best = _history_record(step, step_best, first_id + step_best,
                                archs[step_best], depth, results[step_best])
-        records.atomic_write_json(os.path.join(workdir, records.BEST), best)
+        if primary:
+          records.atomic_write_json(os.path.join(workdir, records.BEST), best)
       else:
         loop["steps_since_improvement"] += 1
       loop["step"] += 1
       loop["children_done"] += num
       loop["elapsed_seconds"] = elapsed_before + time.perf_counter() - session_start
-      ckpt.save(loop["step"], state, loop)
+      if primary:
+        ckpt.save(loop["step"], state, loop)
 
       rate = session_children / max(time.perf_counter() - session_start, 1e-9) * 60
       left = s.max_children - loop["children_done"]
@@ -444,23 +530,27 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
           "reward/best_so_far": loop["best_reward"],
           "children_per_minute": rate,
           "failed_children": sum(r.status != evaluators.OK for r in results),
-          **{f"controller/{k}": v for k, v in metrics.items()}})
+          **{f"controller/{k}": v for k, v in metrics.items()},
+          **getattr(evaluator, "last_scalars", {})})
   except KeyboardInterrupt:
     if not stop_flag.signal:
       raise
     # A second signal: whatever was mid-write is detected on resume.
     stop_reason = f"signal_{stop_flag.signal}_twice"
+    group.abort(f"stopped at once by a second {stop_flag.signal}")
   finally:
     history.close()
     scalars.close()
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
 
-  if stop_reason and stop_reason.startswith("signal"):
+  if stop_reason and stop_reason.startswith("signal") and primary:
     logging.warning(
         "stopped by %s: %d children recorded in history.jsonl, %d controller "
         "steps checkpointed. Resume by running the same command again (same "
         "--config and --workdir=%s); recorded children are read back, not "
-        "retrained.", stop_flag.signal, history.lines, loop["step"], workdir)
+        "retrained.", stop_flag.signal or "a signal to another process",
+        history.lines, loop["step"], workdir)
   summary = {"stop_reason": stop_reason, "children_done": loop["children_done"],
              "controller_steps": loop["step"], "best_reward": loop["best_reward"],
              "best": best, "elapsed_seconds": loop["elapsed_seconds"],
