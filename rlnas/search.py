@@ -46,6 +46,7 @@ from rlnas import evaluators
 from rlnas import records
 from rlnas import spaces
 from rlnas import strategies
+from rlnas import tabular  # registers the "tabular" evaluator  # pylint: disable=unused-import
 from rlnas.evaluators import ChildResult
 
 

@@ -9,9 +9,11 @@ import ml_collections
 
 from rlnas.spaces import base
 from rlnas.spaces import nasrl_cnn
+from rlnas.spaces import nb201
 
 _REGISTRY = {
     nasrl_cnn.SPACE_NAME: nasrl_cnn.NASRLCNNSpace,
+    nb201.SPACE_NAME: nb201.NB201Space,
 }
 
 
