@@ -25,6 +25,7 @@ import ml_collections
 from rlnas import child as child_lib
 from rlnas import data as data_lib
 from rlnas import reinforce
+from rlnas.child import layerwise
 from rlnas.child import trainer
 from rlnas.spaces import base
 
@@ -102,13 +103,49 @@ class ChildTrainerEvaluator:
     self.failure_reward = float(config.search.failure_reward)
     self.seed = int(config.seed)
 
+  @property
+  def engine(self) -> str:
+    """'layerwise' or 'jit': config.child.engine, or by backend when 'auto'.
+
+    On CPU the layer-wise engine compiles each distinct layer once per search
+    instead of every child once (bench/child_study.md measures both); on
+    GPU/TPU one compiled program per child, with a scanned epoch, is the fast
+    path.
+    """
+    engine = self.child_cfg.get("engine", "auto")
+    if engine == "auto":
+      return "layerwise" if jax.default_backend() == "cpu" else "jit"
+    return engine
+
+  def prepare(self, archs: Sequence[base.Architecture]) -> None:
+    """Starts compiling what a step's children need, in background threads."""
+    if self.engine != "layerwise":
+      return
+    try:
+      models = [child_lib.build_model(a, self.dataset.num_classes, self.child_cfg)
+                for a in archs]
+      layerwise.precompile(models, self.dataset, self.child_cfg)
+    except Exception:  # pylint: disable=broad-except
+      pass  # each child reports its own failure when it is trained
+
   def evaluate_one(self, arch: base.Architecture, child_id: int,
                    should_stop: Callable[[], bool] | None = None) -> ChildResult:
     try:
       model = child_lib.build_model(arch, self.dataset.num_classes, self.child_cfg)
-      result = trainer.train_and_evaluate(
-          model, self.dataset, self.child_cfg, self.augment_cfg,
-          child_rng(self.seed, child_id), should_stop=should_stop)
+      rng = child_rng(self.seed, child_id)
+      if self.engine == "layerwise":
+        # Children of digits/mnist1d size train in well under a second, so
+        # a stop request waits at most one child here.
+        if should_stop is not None and should_stop():
+          raise Interrupted("stop requested before the child started")
+        trainer.check_spatial_size(model, self.dataset.input_shape,
+                                   int(self.child_cfg.get("min_spatial_size", 1)))
+        result = layerwise.train_and_evaluate(
+            model, self.dataset, self.child_cfg, self.augment_cfg, rng)
+      else:
+        result = trainer.train_and_evaluate(
+            model, self.dataset, self.child_cfg, self.augment_cfg, rng,
+            should_stop=should_stop)
     except trainer.ChildTrainingError as e:
       return failed(f"diverged: {e}", self.failure_reward)
     except trainer.UnbuildableChildError as e:

@@ -461,7 +461,10 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
           stop_reason = f"signal_{stop_flag.signal or 'on_another_process'}"
           break
         session_children += evaluated
-      # One child at a time (one process, one device).
+      # One child at a time (one process, one device); evaluators that can
+      # compile ahead (the layer-wise engine) start on the whole step now.
+      if not parallel and hasattr(evaluator, "prepare"):
+        evaluator.prepare(archs)
       for i, arch in enumerate(() if parallel else archs):
         record = {"step": step, "index": i, "child_id": first_id + i,
                   "tokens": list(arch.tokens)}

@@ -69,6 +69,10 @@ def get_config(kind: str = TOY) -> ml_collections.ConfigDict:
     sp.filter_heights, sp.filter_widths, sp.num_filters = (1, 3), (1, 3), (4, 8)
     config.child.epochs = 1
     config.child.batch_size = 128
+    # The whole-child jit engine: it polls should_stop before every step,
+    # which the preemption tests time (the layer-wise engine stops between
+    # children; tests/test_search.py runs it through the entry point).
+    config.child.engine = "jit"
     config.reward.last_k = 1
     config.search.children_per_step = 2
     config.search.max_children = 4

@@ -23,12 +23,14 @@ def _history(workdir):
 
 def test_entry_point_runs_stops_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
-  first = _main(workdir, "--config.search.max_children=2", "--config.search.tensorboard=True")
+  # The CPU default engine (layer-wise compilation), as the default config uses.
+  first = _main(workdir, "--config.search.max_children=2", "--config.search.tensorboard=True",
+                "--config.child.engine=layerwise")
   assert first.returncode == 0, first.stderr[-3000:]
   assert len(_history(workdir)) == 2
   assert os.listdir(os.path.join(workdir, "tb"))
   # The second invocation resumes the same run with a larger budget.
-  second = _main(workdir, "--config.search.max_children=4")
+  second = _main(workdir, "--config.search.max_children=4", "--config.child.engine=layerwise")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resuming" in second.stderr
   history = _history(workdir)

@@ -1,31 +1,45 @@
-"""Layer-wise compiled child training: each distinct layer compiles once per search.
+"""Layer-wise compiled child training: each layer shape compiles once per search.
 
-Why: on XLA:CPU, jitting a whole child per architecture costs 1.5-3 s of
-compilation per child, more than training it (0.2 s for 30 steps on 8x8 digits;
-see bench/child_study.md). But a search builds its children from few distinct
-layers, and a layer's compiled code depends only on its *signature*: the layer
-module's hyperparameters and its input shape. So this engine compiles, once per
-signature and for the whole search:
+Why: on XLA:CPU, jitting a whole child per architecture costs seconds of
+compilation per child (plus more for a jitted threefry init), 10x more than
+training a digits child (bench/child_study.md). But a search builds its
+children from few distinct layers, and a layer's compiled code depends only on
+its *signature*: its hyperparameters and its input shape. This engine splits
+every NAS-RL layer into a convolution unit and a bias-BatchNorm-ReLU unit and
+compiles, once per signature and for the whole search:
 
-- `forward`: the layer's training-mode output, its updated batch statistics and
-  its VJP residuals (the closure `jax.vjp` returns is a pytree, so it leaves a
-  compiled function and enters the next one);
-- `backward`: applies that VJP to the output gradient, updates the layer's
-  parameters with the optimizer and returns the input gradient. Optax
-  transforms that act leaf by leaf (SGD, momentum, Adam, decoupled or masked
-  weight decay, step-count schedules) give the same update applied layer by
-  layer as applied to the whole tree; transforms that mix leaves (global-norm
-  clipping) do not, and this engine does not support them;
+- `forward`: the unit's training-mode output (and new batch statistics) with
+  its VJP residuals (the closure `jax.vjp` returns is a pytree, so it leaves
+  one executable and enters the next);
+- `backward`: applies that VJP to the output gradient and the optimizer update
+  to the unit's parameters, and returns the input gradient. Optax transforms
+  that act leaf by leaf (SGD, momentum, Adam, masked weight decay, step-count
+  schedules) give the same update applied unit by unit as applied to the whole
+  tree; transforms that mix leaves (global-norm clipping) do not, and this
+  engine does not support them;
 - the classifier's fused forward + loss + backward + update, the evaluation
   forwards, the depth concatenation of several inputs and the input pipeline.
 
-A training step chains these executables in Python: two asynchronous
-dispatches per layer (about 4 us each on CPU), so once the search has met a
-signature, a child using it compiles nothing. Children train with the same
-data order, augmentation, optimizer and NaN check as `trainer.train_and_evaluate`
-and report the same `TrainResult`; parameters start from the same initializers
-but not the same random draws (one key per layer instead of Flax's per-path
-keys).
+Convolution signatures are the numerous ones (kernel x input depth x filters);
+keeping BatchNorm out of them halves their compile time, and evaluating in
+training-sized batches lets evaluation reuse the training convolutions.
+
+A training step chains these executables in Python: four asynchronous
+dispatches per layer (about 4 us each on CPU). Parameters are initialised on
+the host with Flax's default initializers (LeCun normal kernels, zero biases,
+unit BatchNorm scales), so initialisation compiles nothing. Compilation runs in
+a thread pool and can start ahead of time (`precompile`).
+
+Bucketing (optional) makes signatures rarer: a kernel is zero-padded to a
+larger odd size and multiplied by a 0/1 mask inside the convolution, and input
+depth is zero-padded to a power of two. Both are exact: masked weights get zero
+gradient, and weights that read zero channels get zero gradient, so the child
+computes the same function and the same updates as unpadded (tested), at the
+price of the padded arithmetic.
+
+Children train with the same data order, augmentation keys, optimizer, NaN
+check and `TrainResult` as `trainer.train_and_evaluate`. Parameters come from
+the same distributions but not the same draws (numpy, seeded by the child key).
 
 Typical use (drop-in for `trainer.train_and_evaluate` on NAS-RL CNN children):
 
@@ -34,6 +48,7 @@ Typical use (drop-in for `trainer.train_and_evaluate` on NAS-RL CNN children):
                                         config.data.augment, rng)
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -49,27 +64,72 @@ import optax
 
 from rlnas import data as data_lib
 from rlnas.child import cnn
+from rlnas.child import signature_cache
 from rlnas.child import trainer
+
+# Flax's LeCun normal draws from a standard normal truncated to [-2, 2] and
+# divides by its standard deviation, 0.8796... (jax.nn.initializers).
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 
 @dataclasses.dataclass(frozen=True)
-class Node:
-  """One layer of a child network.
+class Bucketing:
+  """How layers map to compiled shapes; the default compiles exact shapes.
 
   Attributes:
-    module: a Flax module called as `module(x, train=bool) -> y`. It is the
-      compile cache key together with x's shape, so it must hold only the
-      layer's hyperparameters (equal modules compute the same function), never
-      its wiring.
-    inputs: indices of earlier nodes whose outputs, zero-padded at the
-      bottom/right and concatenated in depth (`cnn.pad_and_concat`), form x;
-      () means the child's input.
-    name: key of this node's variables in the assembled model variables; None
-      merges them into the top level (the classifier's `{"classifier": ...}`).
+    kernel_sizes: odd sizes a kernel dimension is zero-padded up to (the
+      smallest that fits), e.g. (5,) runs every 1x3 or 3x3 kernel as a masked
+      5x5; () keeps kernels exact.
+    pow2_channels: zero-pad the depth of every layer input (except the image)
+      to the next power of two.
   """
-  module: nn.Module
-  inputs: tuple[int, ...] = ()
-  name: Optional[str] = None
+  kernel_sizes: tuple[int, ...] = ()
+  pow2_channels: bool = False
+
+  def kernel(self, size: int, stride: int, extent: int) -> int:
+    """Padded size of a kernel dimension over an input `extent` pixels wide.
+
+    Only stride-1 dimensions are padded: with larger strides, SAME padding of
+    a larger kernel can shift the window. A kernel is never padded past the
+    input extent (a 1-pixel-high 1D signal keeps height-1 kernels).
+    """
+    fits = [k for k in sorted(self.kernel_sizes) if size <= k <= extent]
+    return fits[0] if fits and stride == 1 else size
+
+  def channels(self, depth: int) -> int:
+    return 1 << (depth - 1).bit_length() if self.pow2_channels else depth
+
+
+class MaskedConv(nn.Module):
+  """nn.Conv(padding="SAME", use_bias=False) computing with kernel * mask."""
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int]
+  num_filters: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [N, H, W, C], mask: [kh, kw, 1, 1] -> [N, H', W', num_filters]."""
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        self.kernel_size + (x.shape[-1], self.num_filters))
+    return jax.lax.conv_general_dilated(
+        x, kernel * mask, self.strides, "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class BiasNormReLU(nn.Module):
+  """The rest of cnn.ConvBNReLU: + conv bias -> BatchNorm -> ReLU."""
+  num_filters: int
+  use_bias: bool
+  bn_momentum: float
+
+  @nn.compact
+  def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+    """z: [N, H, W, num_filters] convolution output -> same shape."""
+    if self.use_bias:
+      z = z + self.param("conv_bias", nn.initializers.zeros, (self.num_filters,))
+    z = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     name="BatchNorm_0")(z)
+    return nn.relu(z)
 
 
 class Classifier(nn.Module):
@@ -78,9 +138,8 @@ class Classifier(nn.Module):
   head: str = "gap"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, H, W, C] -> logits [N, num_classes]."""
-    del train  # No batch statistics in the head.
     if self.head == "gap":
       x = x.mean(axis=(1, 2))
     elif self.head == "flatten":
@@ -90,167 +149,420 @@ class Classifier(nn.Module):
     return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-def nodes_from_model(model: nn.Module) -> tuple[Node, ...]:
-  """Splits a `cnn.NASRLConvNet` into layer nodes plus the classifier node.
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """One layer of a child, as the engine runs it.
 
-  The nodes compute exactly `model`'s function, and their assembled variables
-  (`assemble`) have `model`'s variable layout.
+  Attributes:
+    conv: the layer's convolution, None for the classifier. With the input
+      shape it is a compile cache key, so it holds padded sizes only.
+    module: BiasNormReLU for a layer, Classifier for the last node.
+    inputs: earlier nodes whose outputs are zero-padded at the bottom/right,
+      concatenated in depth (cnn.pad_and_concat) and zero-padded in depth to
+      `in_depth`; () = the child's input.
+    kernel: the layer's real (filter_height, filter_width); None for the head.
+    in_depth: padded input depth the node sees.
+  """
+  conv: Optional[MaskedConv]
+  module: nn.Module
+  inputs: tuple[int, ...]
+  kernel: Optional[tuple[int, int]]
+  in_depth: int
+
+
+def nodes_from_model(model: nn.Module, input_shape: Sequence[int],
+                     bucketing: Bucketing = Bucketing()) -> tuple[Node, ...]:
+  """Splits a cnn.NASRLConvNet into layer nodes and a classifier node.
+
+  Args:
+    model: the child network.
+    input_shape: per-example input shape, e.g. (8, 8, 1) or (40, 1).
+    bucketing: padding policy (exact by default).
 
   Raises:
-    TypeError: `model` is not a network this engine knows how to split.
+    TypeError: `model` is not a network this engine can split.
   """
   if not isinstance(model, cnn.NASRLConvNet):
     raise TypeError(f"the layer-wise engine splits cnn.NASRLConvNet children, "
                     f"not {type(model).__name__}; use trainer.train_and_evaluate")
+  image = tuple(_as_image(np.zeros((1,) + tuple(input_shape))).shape[1:])
+  shapes = []  # Real [H, W, C] of each layer's output.
   nodes = []
-  for i, layer in enumerate(model.layers):
-    # The wiring lives in Node.inputs; the module keeps only what it computes,
-    # so layers that differ only in their inputs share compiled code.
-    module = cnn.ConvBNReLU(dataclasses.replace(layer, inputs=()),
-                            model.use_bias, model.bn_momentum)
-    nodes.append(Node(module, tuple(layer.inputs), name=f"layer_{i}"))
-  nodes.append(Node(Classifier(model.num_classes, model.head),
-                    cnn.unconsumed(model.layers)))
+
+  def source(inputs):
+    if not inputs:
+      return image[:2], image[2]
+    height = max(shapes[j][0] for j in inputs)
+    width = max(shapes[j][1] for j in inputs)
+    return (height, width), bucketing.channels(sum(shapes[j][2] for j in inputs))
+
+  for layer in model.layers:
+    (height, width), in_depth = source(layer.inputs)
+    kernel = (layer.filter_height, layer.filter_width)
+    conv = MaskedConv(
+        (bucketing.kernel(kernel[0], layer.stride_height, height),
+         bucketing.kernel(kernel[1], layer.stride_width, width)),
+        (layer.stride_height, layer.stride_width), layer.num_filters)
+    module = BiasNormReLU(layer.num_filters, model.use_bias, model.bn_momentum)
+    nodes.append(Node(conv, module, tuple(layer.inputs), kernel, in_depth))
+    shapes.append((-(-height // layer.stride_height),
+                   -(-width // layer.stride_width), layer.num_filters))
+  head_inputs = cnn.unconsumed(model.layers)
+  _, in_depth = source(head_inputs)
+  nodes.append(Node(None, Classifier(model.num_classes, model.head), head_inputs,
+                    None, in_depth))
   return tuple(nodes)
 
 
-def _apply(module: nn.Module, params, state, x, train: bool):
-  """module(x) with its non-parameter collections; returns (y, new state)."""
-  variables = {"params": params, **state}
-  if train and state:
-    return module.apply(variables, x, train=True, mutable=list(state))
-  return module.apply(variables, x, train=train), state
+def _real_depth(nodes: Sequence[Node], i: int, image_depth: int) -> int:
+  node = nodes[i]
+  if not node.inputs:
+    return image_depth
+  return sum(nodes[j].module.num_filters for j in node.inputs)
 
 
-def _split_variables(variables):
-  variables = dict(variables)
-  params = variables.pop("params", {})
-  return params, variables
+def _input_shapes(nodes: Sequence[Node], input_shape: tuple[int, ...]):
+  """Per-node padded input shapes [H, W, C] (without batch)."""
+  outputs, shapes = [], []
+  for node in nodes:
+    if node.inputs:
+      height = max(outputs[j][0] for j in node.inputs)
+      width = max(outputs[j][1] for j in node.inputs)
+      shapes.append((height, width, node.in_depth))
+    else:
+      shapes.append(tuple(input_shape))
+    if node.conv is not None:
+      sh, sw = node.conv.strides
+      outputs.append((-(-shapes[-1][0] // sh), -(-shapes[-1][1] // sw),
+                      node.conv.num_filters))
+  return shapes
+
+
+def _truncated_normal(rng: np.random.Generator, shape) -> np.ndarray:
+  z = rng.standard_normal(shape)
+  while True:
+    bad = np.abs(z) > 2.0
+    if not bad.any():
+      return z
+    z[bad] = rng.standard_normal(int(bad.sum()))
+
+
+def _merge_fn(in_depth: int):
+  """xs -> cnn.pad_and_concat(xs) zero-padded in depth to in_depth."""
+  def merge(xs):
+    x = cnn.pad_and_concat(xs)
+    pad = in_depth - x.shape[-1]
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, pad),)) if pad else x
+  return merge
+
+
+def _as_image(x):
+  """1D signals [N, L, C] run as [N, 1, L, C] images, as in cnn.NASRLConvNet."""
+  return x[:, None] if x.ndim == 3 else x
+
+
+def _init_leaf(path, leaf):
+  """Flax defaults for everything but kernels: ones for scales and variances."""
+  if path[-1].key in ("scale", "var"):
+    return np.ones(leaf.shape, leaf.dtype)
+  return np.zeros(leaf.shape, leaf.dtype)
 
 
 class LayerwiseEngine:
-  """Trains children node by node with executables cached by layer signature.
+  """Trains children unit by unit with executables cached by signature.
 
   One engine holds one optimizer (it is compiled into the backward functions);
-  keep the engine for the whole search so that its cache fills once.
+  keep it for the whole search so that its cache fills once.
+
+  Executables live in a `SignatureCache`: `precompile` lowers every one some
+  children need (from shapes alone) and compiles the missing ones in parallel
+  threads while the caller goes on; a training step blocks only on the
+  executables it uses.
+
+  Per-node variables are dicts of lists: a layer has "conv": [params,
+  opt_state] and "norm": [params, state, opt_state]; the classifier has
+  "head": [params, opt_state].
 
   Attributes:
-    compile_seconds: total time spent compiling, over the engine's life.
-    num_compiled: number of executables compiled so far.
+    tx: the optimizer.
+    cache: the compiled executables.
   """
 
-  def __init__(self, optimizer: optax.GradientTransformation):
-    self._tx = optimizer
-    self._executables: dict[Hashable, Any] = {}
-    self.compile_seconds = 0.0
-    self.num_compiled = 0
+  def __init__(self, optimizer: optax.GradientTransformation,
+               bucketing: Bucketing = Bucketing(),
+               compile_threads: Optional[int] = None):
+    self.tx = optimizer
+    self.bucketing = bucketing
+    self.cache = signature_cache.SignatureCache(compile_threads)
+    self._masks: dict[Hashable, jax.Array] = {}
+    self._shapes: dict[Hashable, Any] = {}
+    # Optimizer states are built on the host as zeros of tx.init's shapes;
+    # that is what every optax transform above returns, but check.
+    probe = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    if any(np.any(np.asarray(leaf) != 0)
+           for leaf in jax.tree_util.tree_leaves(self.tx.init(probe))):
+      raise ValueError("the layer-wise engine needs an optimizer whose initial "
+                       "state is all zeros (sgd, momentum, adam, weight decay)")
 
-  # -- The compile cache. ----------------------------------------------------
+  @property
+  def compile_seconds(self) -> float:
+    return self.cache.compile_seconds
 
-  def _compiled(self, key: Hashable, make_fn: Callable[[], Callable], *args):
-    """The executable for `key`, compiling make_fn() for args' shapes on a miss."""
-    executable = self._executables.get(key)
-    if executable is None:
-      start = time.perf_counter()
-      executable = jax.jit(make_fn()).lower(*args).compile()
-      self.compile_seconds += time.perf_counter() - start
-      self.num_compiled += 1
-      self._executables[key] = executable
-    return executable
+  @property
+  def num_compiled(self) -> dict[str, int]:
+    return self.cache.num_compiled
 
-  def _init(self, module, key, shape, dtype):
+  @property
+  def wait_seconds(self) -> float:
+    """Seconds the calling thread spent lowering or blocked on compiles."""
+    return self.cache.wait_seconds
+
+  def _call(self, key: tuple, make_fn: Callable[[], Callable], *args):
+    return self.cache.call(key, make_fn, *args)
+
+  def _add(self, a, b):
+    return a if self.cache.is_abstract else a + b
+
+  def _zeros_like(self, a):
+    return a if self.cache.is_abstract else jnp.zeros_like(a)
+
+  def precompile(self, children: Sequence[Sequence[Node]],
+                 input_shape: tuple[int, ...], batch_size: int, *,
+                 background: bool = False, wait: bool = False
+                 ) -> Optional[concurrent.futures.Future]:
+    """Starts compiling every executable these children need that is missing.
+
+    Runs the training step and the evaluation on ShapeDtypeStructs inside
+    `cache.abstract()`: lowering (tracing) runs in the calling thread, or with
+    `background` in the cache's lowering thread (this then returns its future
+    at once); XLA compilation runs in the cache's compile threads.
+
+    Args:
+      children: node lists from `nodes_from_model`.
+      input_shape: per-example image shape [H, W, C] (1D: [1, L, C]).
+      batch_size: training (and evaluation) batch size.
+      background: lower in the background thread; returns its future.
+      wait: block until everything is compiled (ignored with `background`).
+    """
+    if background:
+      return self.cache.in_background(self.precompile, children, input_shape,
+                                      batch_size)
+    sds = jax.ShapeDtypeStruct
+    x = sds((batch_size,) + tuple(input_shape), jnp.float32)
+    labels = sds((batch_size,), jnp.int32)
+    valid = sds((batch_size,), jnp.bool_)
+    with self.cache.abstract():
+      for nodes in children:
+        variables = self._variable_shapes(nodes, input_shape)
+        self.train_step(nodes, variables, x, labels)
+        self.eval_correct(nodes, variables, x, labels, valid)
+    if wait:
+      self.cache.wait_all()
+    return None
+
+  # -- Initialisation, on the host. --------------------------------------------
+
+  def _mask(self, node: Node) -> jax.Array:
+    """[kh, kw, 1, 1] ones over the real kernel, centred in the padded one."""
+    padded = node.conv.kernel_size
+    key = (node.kernel, padded)
+    if key not in self._masks:
+      mask = np.zeros(padded + (1, 1), np.float32)
+      top, left = (padded[0] - node.kernel[0]) // 2, (padded[1] - node.kernel[1]) // 2
+      mask[top:top + node.kernel[0], left:left + node.kernel[1]] = 1.0
+      self._masks[key] = jax.device_put(mask)
+    return self._masks[key]
+
+  def _unit_shapes(self, module: nn.Module, *args):
+    """(params, state, opt_state) shapes of a unit applied to args' shapes."""
+    key = (module,) + tuple((a.shape, a.dtype) for a in args)
+    if key not in self._shapes:
+      init = lambda *args: module.init(jax.random.PRNGKey(0), *args)
+      if isinstance(module, BiasNormReLU):
+        init = lambda z: module.init(jax.random.PRNGKey(0), z, train=False)
+      variables = dict(jax.eval_shape(init, *args))
+      params = variables.pop("params")
+      self._shapes[key] = (params, variables, jax.eval_shape(self.tx.init, params))
+    return self._shapes[key]
+
+  def _variable_shapes(self, nodes: Sequence[Node], input_shape) -> list[dict]:
+    """Per-node variables as ShapeDtypeStructs (batch 1), for `init`/`precompile`."""
+    sds = jax.ShapeDtypeStruct
+    out = []
+    for node, shape in zip(nodes, _input_shapes(nodes, input_shape)):
+      x = sds((1,) + tuple(shape), jnp.float32)
+      if node.conv is None:
+        params, _, opt = self._unit_shapes(node.module, x)
+        out.append({"head": [params, opt]})
+        continue
+      mask = sds(node.conv.kernel_size + (1, 1), jnp.float32)
+      conv_params, _, conv_opt = self._unit_shapes(node.conv, x, mask)
+      z = jax.eval_shape(lambda p, x, m: node.conv.apply({"params": p}, x, m),
+                         conv_params, x, mask)
+      norm_params, norm_state, norm_opt = self._unit_shapes(node.module, z)
+      out.append({"conv": [conv_params, conv_opt],
+                  "norm": [norm_params, norm_state, norm_opt]})
+    return out
+
+  def init(self, nodes: Sequence[Node], input_shape: tuple[int, ...],
+           seed: Sequence[int]) -> list[dict]:
+    """Per-node variables (numpy): Flax's default initializers, drawn on the
+    host and embedded in the padding (padded weights start at zero)."""
+    shapes = self._variable_shapes(nodes, input_shape)
+    image_depth = input_shape[-1]
+    out = []
+    for i, (node, node_shapes) in enumerate(zip(nodes, shapes)):
+      rng = np.random.default_rng(list(seed) + [i])
+      depth = _real_depth(nodes, i, image_depth)
+      zeros = lambda tree: jax.tree_util.tree_map(
+          lambda s: np.zeros(s.shape, s.dtype), tree)
+      if node.conv is None:
+        params, opt = node_shapes["head"]
+        params = jax.tree_util.tree_map_with_path(_init_leaf, params)
+        kernel = params["classifier"]["kernel"]  # [groups * in_depth, classes]
+        # A flattened head has one group of in_depth features per pixel, of
+        # which the first `depth` are real.
+        groups = kernel.shape[0] // node.in_depth
+        std = math.sqrt(1.0 / (groups * depth)) / _TRUNCATED_NORMAL_STD
+        value = np.zeros((groups, node.in_depth) + kernel.shape[1:], np.float32)
+        value[:, :depth] = _truncated_normal(rng, (groups, depth) + kernel.shape[1:]) * std
+        params["classifier"]["kernel"] = value.reshape(kernel.shape)
+        out.append({"head": [params, zeros(opt)]})
+        continue
+      (conv_params, conv_opt), (norm_params, norm_state, norm_opt) = (
+          node_shapes["conv"], node_shapes["norm"])
+      (kh, kw), (ph, pw) = node.kernel, node.conv.kernel_size
+      std = math.sqrt(1.0 / (kh * kw * depth)) / _TRUNCATED_NORMAL_STD
+      kernel = np.zeros(conv_params["kernel"].shape, np.float32)
+      top, left = (ph - kh) // 2, (pw - kw) // 2
+      kernel[top:top + kh, left:left + kw, :depth] = _truncated_normal(
+          rng, (kh, kw, depth, node.conv.num_filters)) * std
+      out.append({
+          "conv": [{"kernel": kernel}, zeros(conv_opt)],
+          "norm": [jax.tree_util.tree_map_with_path(_init_leaf, norm_params),
+                   jax.tree_util.tree_map_with_path(_init_leaf, norm_state),
+                   zeros(norm_opt)]})
+    return out
+
+  # -- Compiled units. ----------------------------------------------------------
+
+  def _update(self, grads, opt_state, params):
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def _conv_forward(self, node: Node, params, x, input_grad: bool):
+    """(z, vjp of (params[, x]))."""
+    conv = node.conv
+
     def make():
-      def init(rng):
-        variables = module.init(rng, jnp.zeros((1,) + shape, dtype), train=False)
-        params, state = _split_variables(variables)
-        return params, state, self._tx.init(params)
-      return init
-    return self._compiled(("init", module, shape, dtype), make, key)(key)
-
-  def _forward(self, module, params, state, x, input_grad: bool):
-    """Training forward: (y, new state, vjp of (params[, x]))."""
-    def make():
-      def forward(params, state, x):
+      def forward(params, mask, x):
+        f = lambda p, x: conv.apply({"params": p}, x, mask)
         if input_grad:
-          f = lambda p, x: _apply(module, p, state, x, True)
-          return _reorder(jax.vjp(f, params, x, has_aux=True))
-        f = lambda p: _apply(module, p, state, x, True)
-        return _reorder(jax.vjp(f, params, has_aux=True))
+          return jax.vjp(f, params, x)
+        return jax.vjp(lambda p: f(p, x), params)
       return forward
-    key = ("forward", module, x.shape, x.dtype, input_grad)
-    return self._compiled(key, make, params, state, x)(params, state, x)
+    return self._call(("conv_forward", conv, x.shape, input_grad), make,
+                      params, self._mask(node), x)
 
-  def _backward(self, module, x_aval, vjp, gy, params, opt_state,
-                input_grad: bool):
-    """Applies the VJP and the optimizer: (input gradient or None, params, opt state).
+  def _conv_backward(self, node: Node, x_shape, vjp, gz, params, opt_state,
+                     input_grad: bool):
+    """(input gradient or None, params, opt_state).
 
-    x_aval (the forward's input) keys the cache: the VJP's structure depends
-    on it, and two input shapes can give the same output shape.
+    x_shape (the forward's input) is in the key: the VJP's structure depends
+    on it, and two input shapes can give one output shape.
     """
     def make():
-      def backward(vjp, gy, params, opt_state):
-        grads = vjp(gy)
-        updates, opt_state = self._tx.update(grads[0], opt_state, params)
-        params = optax.apply_updates(params, updates)
+      def backward(vjp, gz, params, opt_state):
+        grads = vjp(gz)
+        params, opt_state = self._update(grads[0], opt_state, params)
         return (grads[1] if input_grad else None), params, opt_state
       return backward
-    key = ("backward", module, x_aval, input_grad)
-    args = (vjp, gy, params, opt_state)
-    return self._compiled(key, make, *args)(*args)
+    return self._call(("conv_backward", node.conv, x_shape, input_grad), make,
+                      vjp, gz, params, opt_state)
 
-  def _classifier_step(self, module, params, state, opt_state, x, labels,
+  def _norm_forward(self, node: Node, params, state, z):
+    """(y, new state, vjp of (params, z))."""
+    module = node.module
+
+    def make():
+      def forward(params, state, z):
+        f = lambda p, z: module.apply({"params": p, **state}, z, train=True,
+                                      mutable=list(state))
+        y, vjp, new_state = jax.vjp(f, params, z, has_aux=True)
+        return y, new_state, vjp
+      return forward
+    return self._call(("norm_forward", module, z.shape), make, params, state, z)
+
+  def _norm_backward(self, node: Node, vjp, gy, params, opt_state):
+    def make():
+      def backward(vjp, gy, params, opt_state):
+        g_params, gz = vjp(gy)
+        params, opt_state = self._update(g_params, opt_state, params)
+        return gz, params, opt_state
+      return backward
+    return self._call(("norm_backward", node.module, gy.shape), make,
+                      vjp, gy, params, opt_state)
+
+  def _norm_eval(self, node: Node, params, state, z):
+    module = node.module
+    make = lambda: lambda p, s, z: module.apply({"params": p, **s}, z, train=False)
+    return self._call(("norm_eval", module, z.shape), make, params, state, z)
+
+  def _classifier_step(self, node: Node, params, opt_state, x, labels,
                        input_grad: bool):
-    """Fused forward, loss, backward and update of the last node."""
+    """Fused head forward, mean cross-entropy, backward and update."""
+    module = node.module
+
     def make():
-      def step(params, state, opt_state, x, labels):
+      def step(params, opt_state, x, labels):
         def loss_fn(p, x):
-          logits, new_state = _apply(module, p, state, x, True)
-          loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-          return loss.mean(), new_state
-        argnums = (0, 1) if input_grad else 0
-        (loss, new_state), grads = jax.value_and_grad(
-            loss_fn, argnums=argnums, has_aux=True)(params, x)
-        g_params, gx = grads if input_grad else (grads, None)
-        updates, opt_state = self._tx.update(g_params, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return loss, gx, params, new_state, opt_state
+          logits = module.apply({"params": p}, x)
+          return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        if input_grad:
+          loss, (g_params, gx) = jax.value_and_grad(loss_fn, (0, 1))(params, x)
+        else:
+          (loss, g_params), gx = jax.value_and_grad(loss_fn)(params, x), None
+        params, opt_state = self._update(g_params, opt_state, params)
+        return loss, gx, params, opt_state
       return step
-    key = ("classifier_step", module, x.shape, x.dtype, labels.shape, input_grad)
-    args = (params, state, opt_state, x, labels)
-    return self._compiled(key, make, *args)(*args)
+    return self._call(("classifier_step", module, x.shape, input_grad), make,
+                      params, opt_state, x, labels)
 
-  def _eval_forward(self, module, params, state, x):
-    make = lambda: lambda p, s, x: _apply(module, p, s, x, False)[0]
-    key = ("eval_forward", module, x.shape, x.dtype)
-    return self._compiled(key, make, params, state, x)(params, state, x)
+  def _classifier_correct(self, node: Node, params, x, labels, valid):
+    module = node.module
 
-  def _eval_correct(self, module, params, state, x, labels, mask):
     def make():
-      def correct(params, state, x, labels, mask):
-        logits = _apply(module, params, state, x, False)[0]
-        return ((logits.argmax(-1) == labels) & mask).sum()
+      def correct(params, x, labels, valid):
+        logits = module.apply({"params": params}, x)
+        return ((logits.argmax(-1) == labels) & valid).sum()
       return correct
-    key = ("eval_correct", module, x.shape, x.dtype, labels.shape)
-    args = (params, state, x, labels, mask)
-    return self._compiled(key, make, *args)(*args)
+    return self._call(("classifier_correct", module, x.shape), make,
+                      params, x, labels, valid)
 
-  def _merge(self, xs, with_vjp: bool):
-    """cnn.pad_and_concat(xs), with its VJP when training."""
-    def make():
-      if with_vjp:
-        return lambda xs: jax.vjp(cnn.pad_and_concat, xs)
-      return cnn.pad_and_concat
-    key = ("merge", tuple((x.shape, x.dtype) for x in xs), with_vjp)
-    return self._compiled(key, make, xs)(xs)
+  def _merge(self, xs, in_depth: int):
+    """Depth concatenation (padded to in_depth) and its VJP."""
+    merge = _merge_fn(in_depth)
+    key = ("merge", tuple(x.shape for x in xs), in_depth)
+    return self._call(key, lambda: lambda xs: jax.vjp(merge, xs), xs)
 
-  def _merge_backward(self, vjp, g):
-    key = ("merge_backward", jax.tree_util.tree_structure(vjp), g.shape)
-    return self._compiled(key, lambda: lambda vjp, g: vjp(g)[0], vjp, g)(vjp, g)
+  def _merge_backward(self, shapes, in_depth, vjp, g):
+    key = ("merge_backward", shapes, in_depth)
+    return self._call(key, lambda: lambda vjp, g: vjp(g)[0], vjp, g)
+
+  def _node_input(self, node: Node, outputs, x):
+    """(node input, merge VJP or None); merges only when needed."""
+    if not node.inputs:
+      return x, None
+    xs = tuple(outputs[j] for j in node.inputs)
+    if len(xs) == 1 and xs[0].shape[-1] == node.in_depth:
+      return xs[0], None
+    return self._merge(xs, node.in_depth)
 
   def _prepare(self, images, labels, perm, epoch, step, rng, mean, std,
                augment: tuple[int, bool]):
-    """The step's batch images[perm[step]] -> preprocessed, augmented [B, ...]."""
+    """The step's batch images[perm[step]]: preprocessed, augmented [B, ...]."""
     crop, flip = augment
+
     def make():
       def prepare(images, labels, perm, epoch, step, rng, mean, std):
         idx = perm[step]
@@ -262,35 +574,22 @@ class LayerwiseEngine:
       return prepare
     args = (images, labels, perm, epoch, step, rng, mean, std)
     key = ("prepare",) + tuple((a.shape, a.dtype) for a in args) + (augment,)
-    return self._compiled(key, make, *args)(*args)
+    return self._call(key, make, *args)
 
   def _prepare_eval(self, images, mean, std):
     make = lambda: lambda x, m, s: _as_image(data_lib.preprocess(x, m, s))
-    key = ("prepare_eval", images.shape, images.dtype)
-    return self._compiled(key, make, images, mean, std)(images, mean, std)
+    return self._call(("prepare_eval", images.shape, images.dtype), make,
+                      images, mean, std)
 
-  # -- One child. -----------------------------------------------------------
+  # -- One child. -------------------------------------------------------------
 
-  def init(self, nodes: Sequence[Node], input_shape: tuple[int, ...],
-           rng: jax.Array, dtype=jnp.float32):
-    """Per-node (params, state, opt_state) for inputs [B, *input_shape].
-
-    Node i draws its parameters from fold_in(rng, i).
-    """
-    shapes = _feature_shapes(nodes, input_shape)
-    out = []
-    for i, node in enumerate(nodes):
-      out.append(self._init(node.module, jax.random.fold_in(rng, i),
-                            shapes[i], dtype))
-    return out
-
-  def train_step(self, nodes: Sequence[Node], variables: list, x: jax.Array,
-                 labels: jax.Array) -> jax.Array:
+  def train_step(self, nodes: Sequence[Node], variables: list[dict],
+                 x: jax.Array, labels: jax.Array) -> jax.Array:
     """One optimizer step on a batch; updates `variables` in place.
 
     Args:
-      nodes: the child; the last node returns logits.
-      variables: per-node [params, state, opt_state] lists from `init`.
+      nodes: the child (`nodes_from_model`); the last node gives logits.
+      variables: per-node variables from `init`.
       x: [B, H, W, C] preprocessed inputs.
       labels: [B] int32 class ids.
 
@@ -298,66 +597,71 @@ class LayerwiseEngine:
       The batch's mean loss, a device scalar (not synchronised).
     """
     num = len(nodes)
-    outputs, merge_vjps, vjps = [], [None] * num, [None] * num
-    in_avals = [None] * num
-    head_x = None
-    for i, node in enumerate(nodes):
-      params, state, _ = variables[i]
-      if len(node.inputs) > 1:
-        inp, merge_vjps[i] = self._merge(tuple(outputs[j] for j in node.inputs), True)
-      else:
-        inp = outputs[node.inputs[0]] if node.inputs else x
-      if i == num - 1:
-        head_x = inp
-        break
-      in_avals[i] = (inp.shape, inp.dtype)
-      y, variables[i][1], vjps[i] = self._forward(node.module, params, state,
-                                                  inp, bool(node.inputs))
+    outputs = []
+    conv_vjps, norm_vjps, merge_vjps, in_shapes = ([None] * num for _ in range(4))
+    for i, node in enumerate(nodes[:-1]):
+      inp, merge_vjps[i] = self._node_input(node, outputs, x)
+      in_shapes[i] = inp.shape
+      conv, norm = variables[i]["conv"], variables[i]["norm"]
+      z, conv_vjps[i] = self._conv_forward(node, conv[0], inp, bool(node.inputs))
+      y, norm[1], norm_vjps[i] = self._norm_forward(node, norm[0], norm[1], z)
       outputs.append(y)
     head = nodes[-1]
-    params, state, opt_state = variables[-1]
-    loss, g_in, *variables[-1] = self._classifier_step(
-        head.module, params, state, opt_state, head_x, labels, bool(head.inputs))
+    inp, merge_vjps[-1] = self._node_input(head, outputs, x)
+    params, opt_state = variables[-1]["head"]
+    loss, g_in, *variables[-1]["head"] = self._classifier_step(
+        head, params, opt_state, inp, labels, bool(head.inputs))
+
     grads = [None] * num
     grads[-1] = g_in
     for i in range(num - 1, -1, -1):
       node = nodes[i]
       if i < num - 1:
-        g_out = grads[i]
-        if g_out is None:  # Feeds nothing that reaches the loss.
-          g_out = jnp.zeros_like(outputs[i])
-        params, _, opt_state = variables[i]
-        grads[i], variables[i][0], variables[i][2] = self._backward(
-            node.module, in_avals[i], vjps[i], g_out, params, opt_state,
+        gy = grads[i]
+        if gy is None:  # Feeds nothing that reaches the loss.
+          gy = self._zeros_like(outputs[i])
+        conv, norm = variables[i]["conv"], variables[i]["norm"]
+        gz, norm[0], norm[2] = self._norm_backward(node, norm_vjps[i], gy,
+                                                   norm[0], norm[2])
+        grads[i], conv[0], conv[1] = self._conv_backward(
+            node, in_shapes[i], conv_vjps[i], gz, conv[0], conv[1],
             bool(node.inputs))
       if not node.inputs:
         continue
-      g_inputs = (self._merge_backward(merge_vjps[i], grads[i])
-                  if merge_vjps[i] is not None else (grads[i],))
+      if merge_vjps[i] is not None:
+        g_inputs = self._merge_backward(tuple(outputs[j].shape for j in node.inputs),
+                                        node.in_depth, merge_vjps[i], grads[i])
+      else:
+        g_inputs = (grads[i],)
       for j, g in zip(node.inputs, g_inputs):
-        grads[j] = g if grads[j] is None else grads[j] + g
+        grads[j] = g if grads[j] is None else self._add(grads[j], g)
     return loss
 
-  def eval_correct(self, nodes: Sequence[Node], variables: list, x: jax.Array,
-                   labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Correct predictions among the masked examples of x [B, ...]: int32 []."""
+  def eval_correct(self, nodes: Sequence[Node], variables: list[dict],
+                   x: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Correct predictions among the valid examples of x [B, ...]: int32 [].
+
+    Runs the training convolutions and merges (their VJPs unused): with
+    evaluation batches of the training batch size it compiles nothing new
+    for them.
+    """
     outputs = []
-    for i, node in enumerate(nodes):
-      params, state, _ = variables[i]
-      if len(node.inputs) > 1:
-        inp = self._merge(tuple(outputs[j] for j in node.inputs), False)
-      else:
-        inp = outputs[node.inputs[0]] if node.inputs else x
-      if i == len(nodes) - 1:
-        return self._eval_correct(node.module, params, state, inp, labels, mask)
-      outputs.append(self._eval_forward(node.module, params, state, inp))
+    for i, node in enumerate(nodes[:-1]):
+      inp, _ = self._node_input(node, outputs, x)
+      z, _ = self._conv_forward(node, variables[i]["conv"][0], inp, bool(node.inputs))
+      norm = variables[i]["norm"]
+      outputs.append(self._norm_eval(node, norm[0], norm[1], z))
+    inp, _ = self._node_input(nodes[-1], outputs, x)
+    return self._classifier_correct(nodes[-1], variables[-1]["head"][0], inp,
+                                    labels, valid)
 
   def fit(self, nodes: Sequence[Node], dataset: data_lib.Dataset, *,
-          epochs: int, batch_size: int, eval_batch_size: int,
-          augment: tuple[int, bool], rng: jax.Array):
+          epochs: int, batch_size: int, augment: tuple[int, bool],
+          rng: jax.Array):
     """Trains from scratch, validating after every epoch.
 
-    Same data order and augmentation keys as `trainer.train_and_evaluate`.
+    Same data order and augmentation keys as `trainer.train_and_evaluate`;
+    validation runs in batches of the training batch size.
 
     Returns:
       (val_accuracies, train_losses, per-node variables).
@@ -371,11 +675,11 @@ class LayerwiseEngine:
     steps = n // batch
     mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
     images, labels = jax.device_put(train.images), jax.device_put(train.labels)
-    v_images, v_labels, v_mask = jax.device_put(
-        trainer._padded_batches(val.images, val.labels, eval_batch_size))  # pylint: disable=protected-access
+    v_images, v_labels, v_valid = jax.device_put(_eval_batches(val, batch))
     init_rng, data_rng, aug_rng = jax.random.split(rng, 3)
     input_shape = tuple(_as_image(np.zeros((1,) + images.shape[1:])).shape[1:])
-    variables = [list(v) for v in self.init(nodes, input_shape, init_rng)]
+    seed = np.asarray(jax.random.key_data(init_rng)).ravel().tolist()
+    variables = self.init(nodes, input_shape, seed)
 
     val_accs, losses = [], []
     for epoch in range(epochs):
@@ -386,138 +690,174 @@ class LayerwiseEngine:
         x, y = self._prepare(images, labels, perm, np.int32(epoch), np.int32(s),
                              aug_rng, mean, std, augment)
         epoch_losses.append(self.train_step(nodes, variables, x, y))
-      epoch_loss = float(jnp.stack(epoch_losses).mean())
+      epoch_loss = float(np.mean(jax.device_get(epoch_losses)))
       if not math.isfinite(epoch_loss):
         raise trainer.ChildTrainingError(
             f"training loss became {epoch_loss} in epoch {epoch}")
       correct = [self.eval_correct(nodes, variables,
                                    self._prepare_eval(v_images[b], mean, std),
-                                   v_labels[b], v_mask[b])
+                                   v_labels[b], v_valid[b])
                  for b in range(v_images.shape[0])]
       val_accs.append(int(sum(jax.device_get(correct))) / len(val.labels))
       losses.append(epoch_loss)
     return val_accs, losses, variables
 
 
-def _reorder(vjp_out):
-  """jax.vjp(..., has_aux=True) gives (y, vjp, aux); forward returns (y, aux, vjp)."""
-  y, vjp, aux = vjp_out
-  return y, aux, vjp
+def _eval_batches(split: data_lib.Split, batch: int):
+  """[num_batches, batch, ...] images, labels and validity, zero-padded."""
+  return trainer._padded_batches(split.images, split.labels, batch)  # pylint: disable=protected-access
 
 
-def _as_image(x):
-  """1D signals [N, L, C] run as [N, 1, L, C] images, as in cnn.NASRLConvNet."""
-  return x[:, None] if x.ndim == 3 else x
+def assemble(nodes: Sequence[Node], variables: Sequence[dict], image_depth: int,
+             part: int) -> Any:
+  """Joins per-node variables into cnn.NASRLConvNet's layout, cutting padding.
 
-
-def _feature_shapes(nodes: Sequence[Node], input_shape: tuple[int, ...]):
-  """Per-node input shapes without the batch dimension, by shape inference."""
-  outputs, shapes = [], []
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
-  for node in nodes:
-    if node.inputs:
-      inp = jax.eval_shape(cnn.pad_and_concat, [outputs[j] for j in node.inputs])
-    else:
-      inp = x
-    shapes.append(tuple(inp.shape[1:]))
-    outputs.append(_output_shape(node.module, inp))
-  return shapes
-
-
-_OUTPUT_SHAPES: dict[Hashable, jax.ShapeDtypeStruct] = {}
-
-
-def _output_shape(module: nn.Module, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-  key = (module, x.shape, x.dtype)
-  if key not in _OUTPUT_SHAPES:
-    def f(x):
-      variables = module.init(jax.random.PRNGKey(0), x, train=False)
-      return module.apply(variables, x, train=False)
-    _OUTPUT_SHAPES[key] = jax.eval_shape(f, x)
-  return _OUTPUT_SHAPES[key]
-
-
-def assemble(nodes: Sequence[Node], per_node: Sequence[Any]) -> Any:
-  """Joins per-node trees into the whole model's layout.
-
-  Works on params, on state collections and on optax states (whose parameter-
-  shaped subtrees are joined; step counts, equal in every node, are taken from
-  the first): node i's dicts go under `nodes[i].name`, or at the top level when
-  the name is None.
+  Args:
+    nodes: the child.
+    variables: per-node variables (from `init` or after training).
+    image_depth: channels of the child's input.
+    part: 0 = params, 1 = batch statistics, 2 = optimizer state. Optax states
+      are joined in their parameter-shaped subtrees; step counts, equal in
+      every unit, come from the first.
   """
+  def cut_kernel(i, leaf):
+    node = nodes[i]
+    depth = _real_depth(nodes, i, image_depth)
+    if not hasattr(leaf, "shape"):  # optax.MaskedNode and the like.
+      return leaf
+    if node.conv is None:
+      grouped = leaf.reshape((-1, node.in_depth) + leaf.shape[1:])
+      return grouped[:, :depth].reshape((-1,) + leaf.shape[1:])
+    (kh, kw), (ph, pw) = node.kernel, leaf.shape[:2]
+    top, left = (ph - kh) // 2, (pw - kw) // 2
+    return leaf[top:top + kh, left:left + kw, :depth]
+
+  def layer_tree(i, conv, norm):
+    if part == 1:
+      return norm.get("batch_stats", {})
+    out = {"Conv_0": {"kernel": cut_kernel(i, conv["kernel"])}}
+    if "conv_bias" in norm:
+      out["Conv_0"]["bias"] = norm["conv_bias"]
+    out["BatchNorm_0"] = norm["BatchNorm_0"]
+    return out
+
+  def head_tree(head):
+    if part == 1:
+      return None
+    kernel = cut_kernel(len(nodes) - 1, head["classifier"]["kernel"])
+    return {"classifier": {**head["classifier"], "kernel": kernel}}
+
+  # Units: per layer conv and norm, then the head; their trees share one
+  # optax skeleton, so map over them together, joining at parameter dicts.
+  units = []
+  for v in variables[:-1]:
+    units.append(v["conv"][0 if part == 0 else -1] if part != 1 else {})
+    units.append(v["norm"][part])
+  units.append(variables[-1]["head"][0 if part == 0 else -1] if part != 1 else {})
+
   def join(*trees):
     if not isinstance(trees[0], dict):
       return trees[0]
     out = {}
-    for node, tree in zip(nodes, trees):
-      if node.name is None:
-        out.update(tree)
-      else:
-        out[node.name] = tree
+    for i in range(len(nodes) - 1):
+      out[f"layer_{i}"] = layer_tree(i, trees[2 * i], trees[2 * i + 1])
+    head = head_tree(trees[-1])
+    if head:
+      out.update(head)
     return out
-  return jax.tree_util.tree_map(join, *per_node,
-                                is_leaf=lambda t: isinstance(t, dict))
+  if part == 1:
+    return join(*units)
+  return jax.tree_util.tree_map(join, *units, is_leaf=lambda t: isinstance(t, dict))
 
 
 _ENGINES: dict[Hashable, LayerwiseEngine] = {}
 
 
-def engine_for(cfg: ml_collections.ConfigDict, total_steps: int) -> LayerwiseEngine:
+def engine_for(cfg: ml_collections.ConfigDict, total_steps: int,
+               bucketing: Bucketing = Bucketing()) -> LayerwiseEngine:
   """The process-wide engine of a child config (its optimizer is compiled in)."""
-  key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), total_steps)
+  key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), total_steps,
+         bucketing)
   if key not in _ENGINES:
-    _ENGINES[key] = LayerwiseEngine(trainer.make_optimizer(cfg, total_steps))
+    _ENGINES[key] = LayerwiseEngine(trainer.make_optimizer(cfg, total_steps),
+                                    bucketing)
   return _ENGINES[key]
 
 
 def clear_cache() -> None:
   """Drops every engine and its compiled executables."""
   _ENGINES.clear()
-  _OUTPUT_SHAPES.clear()
+
+
+def _engine_and_nodes(models, dataset, cfg, bucketing):
+  n = len(dataset.train.labels)
+  batch = min(cfg.batch_size, n)
+  engine = engine_for(cfg, (n // batch) * cfg.epochs, bucketing)
+  children = [nodes_from_model(m, dataset.input_shape, bucketing) for m in models]
+  image_shape = tuple(_as_image(np.zeros((1,) + tuple(dataset.input_shape))).shape[1:])
+  return engine, children, image_shape, batch
+
+
+def precompile(models: Sequence[nn.Module], dataset: data_lib.Dataset,
+               cfg: ml_collections.ConfigDict, *,
+               bucketing: Bucketing = Bucketing(), background: bool = True
+               ) -> Optional[concurrent.futures.Future]:
+  """Starts compiling, in background threads, what these children will need.
+
+  Call it with a whole batch of sampled children before training the first:
+  their new signatures then lower and compile in parallel while earlier
+  children train (a child blocks only on executables it uses that are not
+  ready yet). Returns the background lowering's future.
+  """
+  engine, children, image_shape, batch = _engine_and_nodes(
+      models, dataset, cfg, bucketing)
+  return engine.precompile(children, image_shape, batch, background=background)
 
 
 def train_and_evaluate(model: nn.Module, dataset: data_lib.Dataset,
                        cfg: ml_collections.ConfigDict, augment_cfg,
-                       rng: jax.Array, *, keep_state: bool = False
-                       ) -> trainer.TrainResult:
+                       rng: jax.Array, *, keep_state: bool = False,
+                       bucketing: Bucketing = Bucketing()) -> trainer.TrainResult:
   """Drop-in for `trainer.train_and_evaluate` that compiles per layer signature.
 
   Args:
-    model: a `cnn.NASRLConvNet`.
+    model: a cnn.NASRLConvNet.
     dataset: train and validation splits (see rlnas.data).
-    cfg: `config.child` (epochs, batch_size, eval_batch_size, optimizer, ...).
+    cfg: `config.child` (epochs, batch_size, optimizer, ...); validation runs
+      in batches of `batch_size`, not `eval_batch_size`.
     augment_cfg: `config.data.augment` (random_crop_padding, horizontal_flip).
     rng: the child's key.
     keep_state: return the trained `trainer.TrainState` in the model's layout.
+    bucketing: padding policy that trades arithmetic for fewer compilations.
 
   Returns:
     A `trainer.TrainResult`; `compile_seconds` is the time this child spent
-    compiling signatures no earlier child had, `train_seconds` the rest.
+    lowering or waiting for compilations (zero when earlier children, or a
+    `precompile` that finished in time, covered its signatures),
+    `train_seconds` the rest.
 
   Raises:
     trainer.ChildTrainingError: the training loss became NaN or infinite.
     TypeError: `model` is not a network this engine can split.
   """
   start = time.perf_counter()
-  nodes = nodes_from_model(model)
-  n = len(dataset.train.labels)
-  batch = min(cfg.batch_size, n)
-  engine = engine_for(cfg, (n // batch) * cfg.epochs)
-  compile_before = engine.compile_seconds
+  engine, (nodes,), image_shape, batch = _engine_and_nodes(
+      [model], dataset, cfg, bucketing)
+  wait_before = engine.wait_seconds
+  engine.precompile([nodes], image_shape, batch)
   augment = (int(augment_cfg.random_crop_padding), bool(augment_cfg.horizontal_flip))
   val_accs, losses, variables = engine.fit(
-      nodes, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size,
-      eval_batch_size=cfg.eval_batch_size, augment=augment, rng=rng)
-  compile_seconds = engine.compile_seconds - compile_before
-  params = assemble(nodes, [v[0] for v in variables])
+      nodes, dataset, epochs=cfg.epochs, batch_size=batch, augment=augment, rng=rng)
+  compile_seconds = engine.wait_seconds - wait_before
+  image_depth = image_shape[-1]
+  params = assemble(nodes, variables, image_depth, 0)
   state = None
   if keep_state:
     state = trainer.TrainState(
-        step=(n // batch) * cfg.epochs, apply_fn=model.apply, params=params,
-        tx=engine._tx,  # pylint: disable=protected-access
-        opt_state=assemble(nodes, [v[2] for v in variables]),
-        batch_stats=assemble(nodes, [v[1].get("batch_stats", {})
-                                     for v in variables]))
+        step=(len(dataset.train.labels) // batch) * cfg.epochs,
+        apply_fn=model.apply, params=params, tx=engine.tx,
+        opt_state=assemble(nodes, variables, image_depth, 2),
+        batch_stats=assemble(nodes, variables, image_depth, 1))
   return trainer.TrainResult(
       val_accuracies=val_accs, train_losses=losses,
       num_params=trainer.count_params(params),
