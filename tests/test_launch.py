@@ -80,8 +80,10 @@ def test_executable(name):
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
                     reason="shellcheck not installed")
 def test_shellcheck_clean():
-  proc = subprocess.run(["shellcheck", *(str(LAUNCH / n) for n in SCRIPTS)],
-                        capture_output=True, text=True, check=False)
+  # -x follows `source launch/common.sh` (paths relative to the repo root).
+  proc = subprocess.run(["shellcheck", "-x", *(str(LAUNCH / n) for n in SCRIPTS)],
+                        capture_output=True, text=True, check=False,
+                        cwd=LAUNCH.parent)
   assert proc.returncode == 0, proc.stdout
 
 
