@@ -6,10 +6,12 @@ names the problem and the fix, and a non-zero exit status; bugs keep their
 traceback.
 """
 
+import os
 import sys
 from typing import Any, Callable
 
 from absl import logging
+import jax
 import ml_collections
 
 from rlnas import checkpointing
@@ -51,6 +53,19 @@ def report_user_errors(fn: Callable[[], Any]) -> int:
   return 0
 
 
+def enable_compilation_cache(child_cfg: ml_collections.ConfigDict | None) -> None:
+  """Turns on JAX's persistent compilation cache at config.child.compilation_cache_dir."""
+  path = child_cfg.get("compilation_cache_dir", "") if child_cfg is not None else ""
+  if not path:
+    return
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  # The default 1 s threshold would skip every per-layer executable.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> int:
   quiet_library_logs()
+  enable_compilation_cache(config.get("child"))
   return report_user_errors(lambda: search.run(config, workdir))

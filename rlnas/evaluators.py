@@ -133,19 +133,10 @@ class ChildTrainerEvaluator:
     try:
       model = child_lib.build_model(arch, self.dataset.num_classes, self.child_cfg)
       rng = child_rng(self.seed, child_id)
-      if self.engine == "layerwise":
-        # Children of digits/mnist1d size train in well under a second, so
-        # a stop request waits at most one child here.
-        if should_stop is not None and should_stop():
-          raise Interrupted("stop requested before the child started")
-        trainer.check_spatial_size(model, self.dataset.input_shape,
-                                   int(self.child_cfg.get("min_spatial_size", 1)))
-        result = layerwise.train_and_evaluate(
-            model, self.dataset, self.child_cfg, self.augment_cfg, rng)
-      else:
-        result = trainer.train_and_evaluate(
-            model, self.dataset, self.child_cfg, self.augment_cfg, rng,
-            should_stop=should_stop)
+      train = (layerwise.train_and_evaluate if self.engine == "layerwise"
+               else trainer.train_and_evaluate)
+      result = train(model, self.dataset, self.child_cfg, self.augment_cfg, rng,
+                     should_stop=should_stop)
     except trainer.ChildTrainingError as e:
       return failed(f"diverged: {e}", self.failure_reward)
     except trainer.UnbuildableChildError as e:

@@ -44,6 +44,9 @@ def get_config(kind: str = TOY) -> ml_collections.ConfigDict:
   """A search of a few seconds. kind: 'toy' (fake evaluator) or 'real' (digits)."""
   config = default.get_config()
   config.search.tensorboard = False
+  # No persistent compilation cache: kill tests time children, and a cache
+  # warmed by an earlier run would make them finish before the kill.
+  config.child.compilation_cache_dir = ""
   config.controller.hidden_size = 16
   config.controller.num_layers = 1
   config.controller.learning_rate = 0.05

@@ -182,3 +182,22 @@ def test_background_precompile_covers_the_child():
          if v != compiled.get(k, 0)}
   assert set(new) <= {"prepare", "prepare_eval"}, new
   assert np.isfinite(result.train_losses).all()
+
+
+def test_trainer_hooks_stop_callback_and_test_split():
+  model = cnn.NASRLConvNet((Layer(3, 3, 1, 1, 4, ()),), num_classes=3)
+  base = _tiny_dataset()
+  dataset = data_lib.Dataset(base.train, base.validation, base.validation,
+                             base.num_classes, base.input_shape, base.mean,
+                             base.std, base.name)
+  cfg, rng = _child_cfg(), jax.random.PRNGKey(0)
+  augment = ml_collections.ConfigDict(dict(random_crop_padding=0, horizontal_flip=False))
+  seen = []
+  result = layerwise.train_and_evaluate(
+      model, dataset, cfg, augment, rng, eval_split="test",
+      epoch_callback=lambda *a: seen.append(a))
+  assert [s[0] for s in seen] == list(range(cfg.epochs))
+  assert [s[2] for s in seen] == result.val_accuracies
+  with pytest.raises(trainer.ChildInterrupted):
+    layerwise.train_and_evaluate(model, dataset, cfg, augment, rng,
+                                 should_stop=lambda: True)
