@@ -32,17 +32,9 @@ from rlnas import retrain
 
 
 def get_config() -> ml_collections.ConfigDict:
-  search = search_config.get_config()
-  config = ml_collections.ConfigDict()
-  # Seeds the retrained model's initialisation, data order and augmentation.
-  config.seed = search.seed
-  # The search's data config (same dataset, data_dir and augmentation: pad 4,
-  # random crop, flip); retraining adds the validation images to training.
-  config.data = search.data
-  # The search's space; tokens index its choice lists, so it must not change.
-  config.space = search.space
-  # The search's child network (head, bias, BatchNorm), retrained as below.
-  config.child = search.child
+  # seed, data, space and child come from the search config (see
+  # retrain.config_from_search); only the schedule changes here.
+  config = retrain.config_from_search(search_config.get_config())
   # ENAS, Pham et al. 2018, sec. 3.2: 310 epochs for final architectures.
   config.child.epochs = 310
   # Batch 128: ENAS's released CIFAR-10 scripts (child_batch_size=128); the
@@ -57,7 +49,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.child.weight_decay = 1e-4
   # Cosine decay to zero over all steps (ENAS, Pham et al. 2018, sec. 3.2).
   config.child.lr_schedule = "cosine"
-  # Flax/Keras default; a long run has time to average BatchNorm statistics.
-  config.child.bn_momentum = 0.99
-  config.retrain = retrain.get_retrain_config()
   return config

@@ -22,16 +22,9 @@ from rlnas import retrain
 
 
 def get_config() -> ml_collections.ConfigDict:
-  search = search_config.get_config()
-  config = ml_collections.ConfigDict()
-  # Seeds the retrained model's initialisation, data order and augmentation.
-  config.seed = search.seed
-  # The search's data config: the test split is carved by the same permutation.
-  config.data = search.data
-  # The search's space; tokens index its choice lists, so it must not change.
-  config.space = search.space
-  # The search's child network and optimizer, with a longer schedule below.
-  config.child = search.child
+  # seed, data, space and child come from the search config (see
+  # retrain.config_from_search); only the schedule changes here.
+  config = retrain.config_from_search(search_config.get_config())
   # 30 epochs of train + validation (1497 digits, 23 steps of 64): the test
   # accuracy of the default search's architectures has levelled off by then.
   config.child.epochs = 30
@@ -39,7 +32,4 @@ def get_config() -> ml_collections.ConfigDict:
   # ENAS final training uses it, Pham et al. 2018, sec. 3.2). Adam at the
   # search's 0.01, which converges on digits in the epochs given here.
   config.child.lr_schedule = "cosine"
-  # Flax/Keras default: a long run has time to average BatchNorm statistics.
-  config.child.bn_momentum = 0.99
-  config.retrain = retrain.get_retrain_config()
   return config

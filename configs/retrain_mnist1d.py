@@ -21,22 +21,12 @@ from rlnas import retrain
 
 
 def get_config() -> ml_collections.ConfigDict:
-  search = search_config.get_config()
-  config = ml_collections.ConfigDict()
-  # Seeds the retrained model's initialisation, data order and augmentation.
-  config.seed = search.seed
-  # The search's data config; retraining adds its validation signals.
-  config.data = search.data
-  # The search's space; tokens index its choice lists, so it must not change.
-  config.space = search.space
-  # The search's child network and optimizer (Adam 0.01), for longer.
-  config.child = search.child
+  # seed, data, space and child come from the search config (see
+  # retrain.config_from_search); only the schedule changes here.
+  config = retrain.config_from_search(search_config.get_config())
   # 40 epochs of 62 steps, with cosine decay (Loshchilov & Hutter 2017)
   # instead of the search's constant rate; measured: test accuracy levels off
   # after ~30 epochs (0.982 at epoch 34, 0.986 at 40).
   config.child.epochs = 40
   config.child.lr_schedule = "cosine"
-  # Flax/Keras default; a long run has time to average BatchNorm statistics.
-  config.child.bn_momentum = 0.99
-  config.retrain = retrain.get_retrain_config()
   return config

@@ -63,6 +63,25 @@ EVALUATE_ON = ("test", "validation")
 _RNG_STREAM = 3
 
 
+def config_from_search(search: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A retrain config that inherits what must match the search it belongs to.
+
+  seed (initialisation, data order, augmentation), data (the same dataset and
+  split permutation; retraining adds the validation examples to training),
+  space (tokens index its choice lists, so it must not change) and child (the
+  network and optimizer, which retrain configs lengthen), plus `retrain`.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = search.seed
+  config.data = search.data
+  config.space = search.space
+  config.child = search.child
+  config.retrain = get_retrain_config()
+  # Flax/Keras default; a long run has time to average BatchNorm statistics.
+  config.child.bn_momentum = 0.99
+  return config
+
+
 def get_retrain_config() -> ml_collections.ConfigDict:
   """`config.retrain`: what retraining adds to the search config's fields."""
   cfg = ml_collections.ConfigDict()
