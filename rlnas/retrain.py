@@ -107,15 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.retrain.evaluate_on in EVALUATE_ON,
          f"config.retrain.evaluate_on={config.retrain.evaluate_on!r}; use "
          f"{' or '.join(map(repr, EVALUATE_ON))}")
-  ch = config.child
-  _check(ch.epochs >= 1, "config.child.epochs must be >= 1")
-  _check(ch.batch_size >= 1 and ch.eval_batch_size >= 1,
-         "config.child.batch_size and eval_batch_size must be >= 1")
-  _check(ch.learning_rate > 0, "config.child.learning_rate must be > 0")
-  _check(ch.loop in ("auto", "python", "scan"),
-         f"config.child.loop={ch.loop!r}; use 'auto', 'python' or 'scan'")
-  _check(ch.head in ("gap", "flatten"),
-         f"config.child.head={ch.head!r}; use 'gap' or 'flatten'")
+  search.validate_child(config.child)
 
 
 # ----------------------------------------------------------------------------

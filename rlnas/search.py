@@ -63,6 +63,28 @@ def _check(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def validate_child(ch: ml_collections.ConfigDict) -> None:
+  """Checks `config.child`; shared by the search and the final retraining."""
+  _check(ch.epochs >= 1, "config.child.epochs must be >= 1")
+  _check(ch.batch_size >= 1 and ch.eval_batch_size >= 1,
+         "config.child.batch_size and eval_batch_size must be >= 1")
+  _check(ch.learning_rate > 0, "config.child.learning_rate must be > 0")
+  _check(ch.optimizer in ("momentum", "adam", "sgd"),
+         f"config.child.optimizer={ch.optimizer!r}; use 'momentum', 'adam' or 'sgd'")
+  _check(ch.lr_schedule in ("constant", "cosine"),
+         f"config.child.lr_schedule={ch.lr_schedule!r}; use 'constant' or 'cosine'")
+  _check(ch.weight_decay >= 0, "config.child.weight_decay must be >= 0")
+  _check(0.0 <= ch.bn_momentum < 1.0, "config.child.bn_momentum must be in [0, 1)")
+  _check(ch.get("min_spatial_size", 1) >= 1,
+         "config.child.min_spatial_size must be >= 1 (1 = off)")
+  _check(ch.loop in ("auto", "python", "scan"),
+         f"config.child.loop={ch.loop!r}; use 'auto', 'python' or 'scan'")
+  _check(ch.head in ("gap", "flatten"),
+         f"config.child.head={ch.head!r}; use 'gap' or 'flatten'")
+  _check(ch.get("engine", "auto") in ("auto", "layerwise", "jit"),
+         f"config.child.engine={ch.get('engine')!r}; use 'auto', 'layerwise' or 'jit'")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values a user can get wrong, before any work or any write."""
   s = config.search
@@ -106,27 +128,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "config.controller.hidden_size and num_layers must be >= 1")
   _check(c.entropy_weight >= 0, "config.controller.entropy_weight must be >= 0")
   if s.evaluator == "child_trainer":
-    ch = config.child
-    _check(ch.epochs >= 1, "config.child.epochs must be >= 1")
-    _check(ch.batch_size >= 1 and ch.eval_batch_size >= 1,
-           "config.child.batch_size and eval_batch_size must be >= 1")
-    _check(ch.learning_rate > 0, "config.child.learning_rate must be > 0")
-    _check(ch.optimizer in ("momentum", "adam", "sgd"),
-           f"config.child.optimizer={ch.optimizer!r}; use 'momentum', 'adam' or 'sgd'")
-    _check(ch.lr_schedule in ("constant", "cosine"),
-           f"config.child.lr_schedule={ch.lr_schedule!r}; use 'constant' or 'cosine'")
-    _check(ch.weight_decay >= 0, "config.child.weight_decay must be >= 0")
-    _check(0.0 <= ch.bn_momentum < 1.0, "config.child.bn_momentum must be in [0, 1)")
-    _check(ch.get("min_spatial_size", 1) >= 1,
-           "config.child.min_spatial_size must be >= 1 (1 = off)")
-    _check(ch.loop in ("auto", "python", "scan"),
-           f"config.child.loop={ch.loop!r}; use 'auto', 'python' or 'scan'")
-    _check(ch.head in ("gap", "flatten"),
-           f"config.child.head={ch.head!r}; use 'gap' or 'flatten'")
+    validate_child(config.child)
     r = config.reward
     _check(r.last_k >= 1, "config.reward.last_k must be >= 1")
-    _check(r.last_k <= ch.epochs,
-           f"config.reward.last_k={r.last_k} exceeds config.child.epochs={ch.epochs}")
+    _check(r.last_k <= config.child.epochs,
+           f"config.reward.last_k={r.last_k} exceeds config.child.epochs={config.child.epochs}")
     _check(r.power > 0, "config.reward.power must be > 0")
     _check(r.aggregate in ("max", "last"), "config.reward.aggregate must be 'max' or 'last'")
 

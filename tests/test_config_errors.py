@@ -77,6 +77,8 @@ CASES = [
      "config.child.min_spatial_size must be >= 1"),
     ("unknown_optimizer", "real", [_set("child.optimizer", "rmsprop")],
      "config.child.optimizer='rmsprop'"),
+    ("unknown_engine", "real", [_set("child.engine", "eager")],
+     "config.child.engine='eager'"),
     ("unknown_head", "real", [_set("child.head", "attention")],
      "config.child.head='attention'"),
     ("unknown_reward_aggregate", "real", [_set("reward.aggregate", "mean")],
