@@ -33,7 +33,8 @@ from rlnas import retrain
 
 def get_config() -> ml_collections.ConfigDict:
   # seed, data, space and child come from the search config (see
-  # retrain.config_from_search); only the schedule changes here.
+  # retrain.config_from_search). The optimizer is restated below on purpose:
+  # the final training follows the paper even if a search used a cheaper proxy.
   config = retrain.config_from_search(search_config.get_config())
   # ENAS, Pham et al. 2018, sec. 3.2: 310 epochs for final architectures.
   config.child.epochs = 310
