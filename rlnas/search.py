@@ -44,10 +44,12 @@ from rlnas import data as data_lib
 from rlnas import distributed
 from rlnas import evaluators
 from rlnas import records
+from rlnas import reward_cache
 from rlnas import spaces
 from rlnas import strategies
 from rlnas import tabular  # registers the "tabular" evaluator  # pylint: disable=unused-import
 from rlnas.evaluators import ChildResult
+from rlnas.reward_cache import RewardCache
 
 
 class ConfigError(ValueError):
@@ -101,6 +103,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(s.checkpoints_to_keep >= 1, "config.search.checkpoints_to_keep must be >= 1")
   _check(s.max_consecutive_failures >= 1,
          "config.search.max_consecutive_failures must be >= 1")
+  _check(isinstance(s.get("reward_cache", False), bool),
+         "config.search.reward_cache must be True or False")
   _check(isinstance(s.failure_reward, (int, float)) and math.isfinite(s.failure_reward),
          "config.search.failure_reward must be a finite number")
   if s.strategy == "evolution":
@@ -212,47 +216,97 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def _evaluate_in_parallel(group, evaluator, history, step: int, first_id: int,
-                          archs, depth: int | None,
+def _evaluate_in_parallel(group, evaluator, history, cache: RewardCache, step: int,
+                          first_id: int, archs, depth: int | None,
                           should_stop) -> tuple[list[ChildResult], int]:
   """All children of a step at once, over every process and device (rlnas.distributed).
 
   Process 0 reads back what the history already holds (always a prefix of the
-  step) and sends it to the others; the rest are evaluated together, and
-  process 0 appends each to the history once it and all before it are done.
+  step) and what the reward cache serves, and sends both to the others; the
+  rest are evaluated together (a repeat within the step once, when the cache
+  is on), and process 0 appends each child to the history once it and all
+  before it are done.
 
   Returns:
     The step's results and how many of them were evaluated (not read back).
   """
-  replayed = []
+  n = len(archs)
+  replayed, served = [], {}
   if group.is_primary:
     for i, arch in enumerate(archs):
       result = history.replay({"step": step, "index": i, "child_id": first_id + i,
                                "tokens": list(arch.tokens)})
       if result is None:
         break
+      cache.note(arch.key, first_id + i, result)
       replayed.append(result.to_json())
-  results = [ChildResult.from_json(r)
-             for r in group.broadcast_json("replayed", replayed)]
+    for i in range(len(replayed), n):
+      hit = cache.lookup(archs[i].key)
+      if hit is not None:
+        served[str(i)] = hit.to_json()
+  shared = group.broadcast_json("replayed", {"replayed": replayed, "served": served})
+  results: list[ChildResult | None] = [ChildResult.from_json(r)
+                                       for r in shared["replayed"]]
   k = len(results)
-  if k == len(archs):
+  results += [None] * (n - k)
+  for i, r in shared["served"].items():
+    results[int(i)] = ChildResult.from_json(r)
+  # With the cache on, a repeat within the step waits for its first copy.
+  first_of = {}
+  copies: dict[int, list[int]] = {}
+  fresh = []
+  for i in range(k, n):
+    if results[i] is not None:
+      continue
+    j = first_of.setdefault(archs[i].key, i)
+    if j != i and cache.enabled:
+      copies.setdefault(j, []).append(i)
+    else:
+      fresh.append(i)
+  if k == n:
     return results, 0
+  written = k
+
+  def flush() -> None:  # Writes the done prefix, in child order.
+    nonlocal written
+    while written < n and results[written] is not None:
+      arch = archs[written]
+      if group.is_primary:
+        history.append(_history_record(step, written, first_id + written, arch,
+                                       depth, results[written],
+                                       cache.repeat_of(arch.key)))
+      cache.note(arch.key, first_id + written, results[written])
+      written += 1
 
   def record(j: int, result: ChildResult) -> None:
-    if group.is_primary:
-      history.append(_history_record(step, k + j, first_id + k + j, archs[k + j],
-                                     depth, result))
+    i = fresh[j]
+    results[i] = result
+    for c in copies.get(i, ()):
+      if result.status == evaluators.OK:
+        results[c] = reward_cache.served_copy(result, first_id + i)
+    flush()
 
-  fresh = evaluator.evaluate(
-      archs[k:], list(range(first_id + k, first_id + len(archs))),
-      should_stop=should_stop, on_result=record)
-  return results + fresh, len(fresh)
+  evaluated = evaluator.evaluate(
+      [archs[i] for i in fresh], [first_id + i for i in fresh],
+      should_stop=should_stop, on_result=record) if fresh else []
+  for j, result in enumerate(evaluated):
+    if results[fresh[j]] is None:
+      record(j, result)
+  # Copies of a child that failed are trained after all.
+  retry = [i for i in range(k, n) if results[i] is None]
+  if retry:
+    for i, result in zip(retry, evaluator.evaluate(
+        [archs[i] for i in retry], [first_id + i for i in retry],
+        should_stop=should_stop)):
+      results[i] = result
+  flush()
+  return results, len(evaluated) + len(retry)
 
 
 def _history_record(step: int, index: int, child_id: int, arch, depth: int | None,
-                    result: ChildResult) -> dict[str, Any]:
+                    result: ChildResult, repeat_of: int | None) -> dict[str, Any]:
   return {"step": step, "index": index, "child_id": child_id, "depth": depth,
-          "key": arch.key, "tokens": list(arch.tokens),
+          "key": arch.key, "tokens": list(arch.tokens), "repeat_of": repeat_of,
           "architecture": arch.to_json(), **result.to_json()}
 
 
@@ -427,6 +481,9 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
     logging.info("%d children after the checkpoint will be read back from %s, "
                  "not retrained", len(history.pending), records.HISTORY)
   best = max(history.done, key=lambda r: r["reward"]) if history.done else None
+  cache = RewardCache(s.get("reward_cache", False))
+  for r in history.done:
+    cache.note(r["key"], r["child_id"], ChildResult.from_json(r))
 
   scalars = records.ScalarWriter(workdir, enabled=s.tensorboard and primary)
   session_start, session_children = time.perf_counter(), 0
@@ -457,20 +514,21 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
       archs = [step_space.from_tokens(t) for t in tokens]
       results: list[ChildResult] = []
       parallel = getattr(evaluator, "parallel", False)
+      # Evaluators that can compile ahead (the layer-wise engine) start on
+      # the whole step now.
+      if hasattr(evaluator, "prepare"):
+        evaluator.prepare([a for a in archs if cache.lookup(a.key) is None])
       if parallel:
         try:
           results, evaluated = _evaluate_in_parallel(
-              group, evaluator, history, step, first_id, archs, depth,
+              group, evaluator, history, cache, step, first_id, archs, depth,
               stop_flag.requested)
         except evaluators.Interrupted as e:
           logging.warning("%s", e)
           stop_reason = f"signal_{stop_flag.signal or 'on_another_process'}"
           break
         session_children += evaluated
-      # One child at a time (one process, one device); evaluators that can
-      # compile ahead (the layer-wise engine) start on the whole step now.
-      if not parallel and hasattr(evaluator, "prepare"):
-        evaluator.prepare(archs)
+      # One child at a time (one process, one device, one child per device).
       for i, arch in enumerate(() if parallel else archs):
         record = {"step": step, "index": i, "child_id": first_id + i,
                   "tokens": list(arch.tokens)}
@@ -478,15 +536,18 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         if result is None:
           if stop_flag.signal:
             break
-          try:
-            result = _evaluate(evaluator, arch, first_id + i, stop_flag.requested)
-          except evaluators.Interrupted:
-            logging.warning("child %d interrupted; it will be retrained on "
-                            "resume", first_id + i)
-            break
-          session_children += 1
+          result = cache.lookup(arch.key)
+          if result is None:
+            try:
+              result = _evaluate(evaluator, arch, first_id + i, stop_flag.requested)
+            except evaluators.Interrupted:
+              logging.warning("child %d interrupted; it will be retrained on "
+                              "resume", first_id + i)
+              break
+            session_children += 1
           history.append(_history_record(step, i, first_id + i, arch, depth,
-                                         result))
+                                         result, cache.repeat_of(arch.key)))
+        cache.note(arch.key, first_id + i, result)
         results.append(result)
       if len(results) < num:
         stop_reason = f"signal_{stop_flag.signal}"
@@ -514,7 +575,8 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         loop["best_reward"] = float(rewards[step_best])
         loop["steps_since_improvement"] = 0
         best = _history_record(step, step_best, first_id + step_best,
-                               archs[step_best], depth, results[step_best])
+                               archs[step_best], depth, results[step_best],
+                               cache.repeat_of(archs[step_best].key))
         if primary:
           records.atomic_write_json(os.path.join(workdir, records.BEST), best)
       else:

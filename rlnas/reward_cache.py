@@ -1,0 +1,57 @@
+"""Architectures already evaluated: repeat tracking, and an opt-in reward cache.
+
+REINFORCE resamples its favourite architectures late in a search (and
+evolution its parents' unchanged children). Each such sample is, in the
+paper's setting, a fresh noisy reward: the child is retrained from scratch
+with its own seed (Zoph & Le 2017, sec. 3.1). So by default every child is
+trained, and the history only marks repeats (`repeat_of`: the first child
+with the same architecture). With `config.search.reward_cache = True` a
+repeat instead takes the first successful evaluation's result and records
+where it came from (`metrics.cached_from`), which saves its training time but
+turns the reward of an architecture into a single draw.
+
+Only successful results are served: a child that failed (diverged, ran out of
+memory) is trained again when it comes back.
+"""
+
+import dataclasses
+
+from rlnas.evaluators import OK, ChildResult
+
+CACHED_FROM = "cached_from"
+
+
+class RewardCache:
+  """First child and first successful result of every architecture key."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = bool(enabled)
+    self._first: dict[str, int] = {}
+    self._results: dict[str, tuple[int, ChildResult]] = {}
+
+  def note(self, key: str, child_id: int, result: ChildResult) -> None:
+    """Records a child (evaluated, replayed or cached), in child order."""
+    self._first.setdefault(key, child_id)
+    if (result.status == OK and key not in self._results
+        and CACHED_FROM not in result.metrics):
+      self._results[key] = (child_id, result)
+
+  def repeat_of(self, key: str) -> int | None:
+    """The first earlier child with this architecture, or None."""
+    return self._first.get(key)
+
+  def lookup(self, key: str) -> ChildResult | None:
+    """With the cache on, a copy of the architecture's first successful result
+    (training times dropped, `cached_from` added); else None."""
+    if not self.enabled or key not in self._results:
+      return None
+    child_id, result = self._results[key]
+    return served_copy(result, child_id)
+
+
+def served_copy(result: ChildResult, child_id: int) -> ChildResult:
+  """`result` as served to a repeat of child `child_id`: its training times
+  dropped (nothing was trained) and `cached_from` added."""
+  metrics = {k: v for k, v in result.metrics.items() if not k.endswith("_seconds")}
+  return dataclasses.replace(result, val_accuracies=list(result.val_accuracies),
+                             metrics={**metrics, CACHED_FROM: child_id})
