@@ -121,6 +121,11 @@ def get_config() -> ml_collections.ConfigDict:
   # many failures in a row (then the setup, not the architecture, is wrong).
   config.search.failure_reward = 0.0
   config.search.max_consecutive_failures = 20
+  # Reuse the first successful result of an architecture sampled again instead
+  # of retraining it (history: metrics.cached_from). Off for reproductions:
+  # in the paper every sample is a freshly trained, noisy reward (sec. 3.1).
+  # Repeats are marked in the history either way (repeat_of).
+  config.search.reward_cache = False
   # Checkpoints kept in WORKDIR/checkpoints (one is written per controller step).
   config.search.checkpoints_to_keep = 3
   # Write TensorBoard event files to WORKDIR/tb.
@@ -157,7 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Longest wait for another process (a child's result, a step boundary) before
   # the job is declared stuck; must exceed the longest child's training time.
   config.distributed.collective_timeout_seconds = 3600
-  # Children trained at once on each local device (threads); more than 1 can
-  # fill a large GPU with small children.
-  config.distributed.children_per_device = 1
+  # Children trained at once on each local device (threads). 0 = auto: on CPU,
+  # one per core in a one-process job (the layer-wise engine's executables run
+  # single-threaded; bench/child_study.md measures 1.5x from two), else 1.
+  # More than 1 can also fill a large GPU with small children.
+  config.distributed.children_per_device = 0
   return config

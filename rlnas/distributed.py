@@ -79,8 +79,9 @@ DEFAULTS = {
     # Longest wait for a peer (a child's result, a step boundary) before the
     # job is declared stuck: must exceed the longest child's training time.
     "collective_timeout_seconds": 3600,
-    # Children trained at once on each local device (threads).
-    "children_per_device": 1,
+    # Children trained at once on each local device (threads); 0 = what the
+    # evaluator suggests (`children_at_once`), else 1.
+    "children_per_device": 0,
 }
 
 _ROOT = "rlnas"
@@ -542,6 +543,11 @@ class DistributedEvaluator:
     self.totals: dict[str, list[float]] = {}
     self.last_scalars: dict[str, float] = {}
 
+  def prepare(self, archs: Sequence[Any]) -> None:
+    """Lets the base evaluator start compiling a step's children ahead."""
+    if hasattr(self.base, "prepare"):
+      self.base.prepare(archs)
+
   def evaluate(self, archs: Sequence[Any], child_ids: Sequence[int], *,
                should_stop: Callable[[], bool] | None = None,
                on_result: Callable[[int, ChildResult], None] | None = None
@@ -682,14 +688,20 @@ def wrap(evaluator: evaluators.Evaluator,
          config: ml_collections.ConfigDict) -> evaluators.Evaluator:
   """`evaluator` spread over every process and local device, if there are several.
 
-  One process with one device (and one child per device) gets `evaluator`
-  back unchanged: the search then evaluates child by child as before.
+  `config.distributed.children_per_device = 0` (auto) takes the evaluator's
+  `children_at_once` when the job is a single process (the child trainer
+  suggests one child per CPU core on CPU), else 1. One process with one
+  device and one child per device gets `evaluator` back unchanged: the search
+  then evaluates child by child.
   """
   cfg = config.get("distributed")
   per_device = int(setting(cfg, "children_per_device"))
-  if per_device < 1:
-    raise ValueError("config.distributed.children_per_device must be >= 1")
+  if per_device < 0:
+    raise ValueError("config.distributed.children_per_device must be >= 0 (0 = auto)")
   g = Group(cfg)
+  if per_device == 0:
+    per_device = (int(getattr(evaluator, "children_at_once", 1))
+                  if g.process_count == 1 else 1)
   devices = jax.local_devices()
   if g.process_count == 1 and len(devices) * per_device == 1:
     return evaluator

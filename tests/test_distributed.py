@@ -254,6 +254,21 @@ def test_wrap_keeps_a_single_device_evaluator():
   assert isinstance(distributed.wrap(base, config), distributed.DistributedEvaluator)
 
 
+def test_auto_children_per_device_asks_the_evaluator():
+  config = ml_collections.ConfigDict({"search": {"failure_reward": 0.0},
+                                      "distributed": {"children_per_device": 0}})
+  base = _synthetic()
+  devices = len(jax.local_devices())
+  if devices == 1:  # Says nothing: one child at a time, unwrapped.
+    assert distributed.wrap(base, config) is base
+  base.children_at_once = 3
+  wrapped = distributed.wrap(base, config)
+  assert len(wrapped.workers) == 3 * devices
+  assert [w.name for w in wrapped.workers][:3] == [
+      f"p0/{distributed._device_name(jax.local_devices()[0])}/{s}"  # pylint: disable=protected-access
+      for s in range(3)]
+
+
 def test_evaluator_spreads_uneven_children_and_keeps_their_order():
   space, base = _space(), _synthetic(seconds=0.02, spread=1.0, fail_every=4)
   archs, ids = _archs(space, 7), list(range(10, 17))

@@ -4,6 +4,8 @@ The engine must compute exactly what cnn.NASRLConvNet + optax compute (with
 and without padding buckets) and compile each layer signature once.
 """
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -201,3 +203,32 @@ def test_trainer_hooks_stop_callback_and_test_split():
   with pytest.raises(trainer.ChildInterrupted):
     layerwise.train_and_evaluate(model, dataset, cfg, augment, rng,
                                  should_stop=lambda: True)
+
+
+def test_children_in_threads_match_one_at_a_time():
+  """The search trains one child per core at once (evaluators.children_at_once):
+  children sharing a fresh engine from several threads compile each signature
+  once and get exactly the results of training them one after another."""
+  children = [(Layer(3, 3, 1, 1, 4, ()), Layer(1, 3, 1, 1, 4, (0,))),
+              (Layer(3, 3, 1, 1, 4, ()), Layer(5, 3, 1, 1, 8, (0,))),
+              (Layer(1, 5, 1, 1, 8, ()),)] * 2
+  models = [cnn.NASRLConvNet(layers, num_classes=3, bn_momentum=0.9)
+            for layers in children]
+  dataset = _tiny_dataset()
+  cfg = _child_cfg(optimizer="adam", learning_rate=0.01)
+  augment = ml_collections.ConfigDict(dict(random_crop_padding=0, horizontal_flip=False))
+
+  def train(i):
+    r = layerwise.train_and_evaluate(models[i], dataset, cfg, augment,
+                                     jax.random.PRNGKey(i))
+    return r.val_accuracies, r.train_losses
+
+  layerwise.clear_cache()
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    together = list(pool.map(train, range(len(models))))
+  engine = next(iter(layerwise._ENGINES.values()))  # pylint: disable=protected-access
+  compiled = dict(engine.num_compiled)
+  alone = [train(i) for i in range(len(models))]
+  assert together == alone
+  assert engine.num_compiled == compiled  # Nothing compiled twice.
+  assert len(layerwise._ENGINES) == 1  # pylint: disable=protected-access
