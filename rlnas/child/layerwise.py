@@ -8,11 +8,13 @@ its *signature*: its hyperparameters and its input shape. This engine splits
 every NAS-RL layer into a convolution unit and a bias-BatchNorm-ReLU unit and
 compiles, once per signature and for the whole search:
 
-- `forward`: the unit's training-mode output (and new batch statistics) with
-  its VJP residuals (the closure `jax.vjp` returns is a pytree, so it leaves
-  one executable and enters the next);
-- `backward`: applies that VJP to the output gradient and the optimizer update
-  to the unit's parameters, and returns the input gradient. Optax transforms
+- `forward`: the unit's training-mode output (and new batch statistics); the
+  BatchNorm unit also returns its VJP residuals (the closure `jax.vjp`
+  returns is a pytree, so it leaves one executable and enters the next),
+  while a convolution's residuals are just its inputs, which its backward
+  takes again;
+- `backward`: the VJP of the output gradient, the optimizer update of the
+  unit's parameters, and the input gradient. Optax transforms
   that act leaf by leaf (SGD, momentum, Adam, masked weight decay, step-count
   schedules) give the same update applied unit by unit as applied to the whole
   tree; transforms that mix leaves (global-norm clipping) do not, and this
@@ -24,16 +26,18 @@ Convolution signatures are the numerous ones (kernel x input depth x filters);
 keeping BatchNorm out of them halves their compile time, and evaluating in
 training-sized batches lets evaluation reuse the training convolutions.
 
-A training step chains these executables in Python: four asynchronous
-dispatches per layer (~4 us of Python each; a small executable costs 40-70 us
-to run on XLA:CPU, so a step is ~1.4x slower than one whole-child executable).
+A training step chains these executables in Python: four dispatches per
+layer (a few microseconds of Python each; almost all of a step is the
+executables' own run time).
 Parameters are initialised on the host with Flax's default initializers
 (LeCun normal kernels, zero biases, unit BatchNorm scales), so initialisation
 compiles nothing. Executables live in a `signature_cache.SignatureCache`;
 `precompile` lowers a batch of children from shapes alone in a background
 thread and compiles them in parallel threads while earlier children train.
-Measured on configs/default.py (96 children, 2-core CPU): 168 children/min
-against 20 for the jit-per-child trainer and 245 for PyTorch eager.
+Several children can train at once from several threads (the search does
+one per CPU core). Measured on configs/default.py (96 uniformly sampled
+children, 2-core CPU, bench/child_study.md): 7.4x the children per minute of
+the jit-per-child trainer, 0.56x PyTorch eager's.
 
 Bucketing (optional, off by default) makes signatures rarer: a kernel is
 zero-padded to a larger odd size and multiplied by a 0/1 mask inside the
@@ -469,19 +473,14 @@ class LayerwiseEngine:
   # -- Compiled units. ----------------------------------------------------------
 
   def _update(self, grads, opt_state, params):
-    # The barrier makes XLA:CPU write the gradients out before the update.
-    # Without it, it fuses the weight-gradient convolution's output transpose
-    # into each of the optimizer's elementwise loops (strided, unvectorised):
-    # a 5x3x64x32 kernel's backward took 3.9 ms instead of 2.5 ms
-    # (bench/child_study.md).
-    grads = jax.lax.optimization_barrier(grads)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   def _conv_forward(self, node: Node, params, x):
     """The convolution's output z. No VJP residuals: a convolution's are its
-    inputs, which the backward takes again (passing `jax.vjp`'s closure
-    instead measured 13% slower backward executables)."""
+    inputs, which the backward takes again (bench/conv_kernels.py: the same
+    speed as passing `jax.vjp`'s closure, and the forward's signature no
+    longer depends on whether the input needs a gradient)."""
     conv = node.conv
     make = lambda: lambda params, mask, x: conv.apply({"params": params}, x, mask)
     mask = self._mask(node)
