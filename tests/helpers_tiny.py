@@ -157,15 +157,15 @@ def history_lines(workdir: str) -> list[str]:
   return text.split("\n")[:-1]
 
 
-def without_timing(record: dict[str, Any]) -> dict[str, Any]:
+def without_timing(record: dict[str, Any], ignore=()) -> dict[str, Any]:
   record = dict(record)
   record["metrics"] = {k: v for k, v in record.get("metrics", {}).items()
-                       if k not in TIMING_METRICS}
+                       if k not in TIMING_METRICS + tuple(ignore)}
   return record
 
 
-def comparable_history(workdir: str) -> list[dict[str, Any]]:
-  return [without_timing(json.loads(line)) for line in history_lines(workdir)]
+def comparable_history(workdir: str, ignore=()) -> list[dict[str, Any]]:
+  return [without_timing(json.loads(line), ignore) for line in history_lines(workdir)]
 
 
 def final_state(config: ml_collections.ConfigDict, workdir: str):
@@ -185,14 +185,15 @@ def final_state(config: ml_collections.ConfigDict, workdir: str):
   return restored
 
 
-def assert_same_search(config, reference: str, workdir: str) -> None:
-  """Same history (timing aside), best.json, controller state bit for bit, loop."""
+def assert_same_search(config, reference: str, workdir: str, ignore=()) -> None:
+  """Same history (timing and `ignore`d metrics aside), best.json, controller
+  state bit for bit, loop."""
   import jax  # pylint: disable=g-import-not-at-top
-  assert comparable_history(workdir) == comparable_history(reference)
+  assert comparable_history(workdir, ignore) == comparable_history(reference, ignore)
   with open(os.path.join(reference, "best.json")) as f:
-    best_ref = without_timing(json.load(f))
+    best_ref = without_timing(json.load(f), ignore)
   with open(os.path.join(workdir, "best.json")) as f:
-    assert without_timing(json.load(f)) == best_ref
+    assert without_timing(json.load(f), ignore) == best_ref
   step_ref, state_ref, loop_ref = final_state(config, reference)
   step, state, loop = final_state(config, workdir)
   assert step == step_ref

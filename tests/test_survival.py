@@ -108,9 +108,11 @@ def _starts_by_launch(calls_log):
 
 
 def _random_kills(tmp_path, env, reference, *, kills, term_every, seed,
-                  max_children, max_lines_ahead, term_signals=(signal.SIGTERM,)):
+                  max_children, max_lines_ahead, term_signals=(signal.SIGTERM,),
+                  children_per_device=1):
   """Kills a toy search subprocess; compares it with `reference` (in-process)."""
-  overrides = [f"--config.search.max_children={max_children}"]
+  overrides = [f"--config.search.max_children={max_children}",
+               f"--config.distributed.children_per_device={children_per_device}"]
   log = str(tmp_path / "log.txt")
   workdir = str(tmp_path / "killed")
   calls_log = str(tmp_path / "calls.txt")
@@ -127,7 +129,7 @@ def _random_kills(tmp_path, env, reference, *, kills, term_every, seed,
       term_signals=term_signals, on_launch=mark_launch)
 
   helpers_tiny.assert_same_search(_toy_config(max_children=max_children),
-                                  reference, workdir)
+                                  reference, workdir, ignore=("worker_seconds",))
   # No process trained a child that the history already held when it started.
   for lines_at_launch, started in _starts_by_launch(calls_log):
     assert all(child_id >= lines_at_launch for child_id in started), (
@@ -144,6 +146,21 @@ def test_random_kills_resume_exactly(tmp_path, env, toy_reference):
   with open(log) as f:
     text = f.read()
   assert "stopped by SIGTERM" in text and "Resume by running the same command" in text
+
+
+def test_random_kills_with_two_children_at_once_resume_exactly(tmp_path, env):
+  """Two children train at once (the CPU default for real children): a kill
+  can land with both in flight and one finished out of order."""
+  reference = str(tmp_path / "reference")
+  config = _toy_config(max_children=18)
+  config.distributed.children_per_device = 2
+  search.run(config, reference)
+  assert {json.loads(line)["metrics"]["device"].split(":")[0]
+          for line in helpers_tiny.history_lines(reference)} == {"cpu"}
+  stops, _ = _random_kills(tmp_path, env, reference, kills=4, term_every=4,
+                           seed=2, max_children=18, max_lines_ahead=3,
+                           children_per_device=2)
+  assert [s["signal"] for s in stops] == ["SIGKILL"] * 3 + ["SIGTERM"], stops
 
 
 @pytest.mark.slow
