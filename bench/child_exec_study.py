@@ -44,7 +44,6 @@ Usage (results and their discussion: bench/child_study.md):
 Each method takes ~1-3 minutes on a shared 2-core CPU for 24 digits children.
 """
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -52,7 +51,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import concurrent.futures
 
@@ -287,7 +285,7 @@ class TorchRunner:
 def host_init(model, input_shape, seed):
   """Flax default initializers drawn with numpy: no compilation."""
   import jax
-  from rlnas.child import layerwise
+  from rlnas.child import layer_units
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), np.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
   gen = np.random.default_rng(seed)
@@ -296,8 +294,8 @@ def host_init(model, input_shape, seed):
     name = path[-1].key
     if name == "kernel":
       fan_in = int(np.prod(leaf.shape[:-1]))
-      return (layerwise._truncated_normal(gen, leaf.shape) * math.sqrt(1 / fan_in)  # pylint: disable=protected-access
-              / layerwise._TRUNCATED_NORMAL_STD).astype(np.float32)  # pylint: disable=protected-access
+      return (layer_units.truncated_normal(gen, leaf.shape) * math.sqrt(1 / fan_in)
+              / layer_units.TRUNCATED_NORMAL_STD).astype(np.float32)
     if name in ("scale", "var"):
       return np.ones(leaf.shape, leaf.dtype)
     return np.zeros(leaf.shape, leaf.dtype)

@@ -15,6 +15,7 @@ import pytest
 
 from rlnas import data as data_lib
 from rlnas.child import cnn
+from rlnas.child import layer_units
 from rlnas.child import layerwise
 from rlnas.child import trainer
 from rlnas.spaces.nasrl_cnn import Layer
@@ -91,7 +92,7 @@ def test_step_matches_flax_model(layers, shape, bucketing):
   updates, ref_opt = tx.update(grads, ref_opt, params)
   ref_params = optax.apply_updates(params, updates)
 
-  loss = engine.train_step(nodes, variables, layerwise._as_image(x), y)  # pylint: disable=protected-access
+  loss = engine.train_step(nodes, variables, layer_units.as_image(x), y)
   new_params = layerwise.assemble(nodes, variables, shape[-1], 0)
   new_stats = layerwise.assemble(nodes, variables, shape[-1], 1)
   new_opt = layerwise.assemble(nodes, variables, shape[-1], 2)

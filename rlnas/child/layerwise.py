@@ -61,12 +61,11 @@ Typical use (drop-in for `trainer.train_and_evaluate` on NAS-RL CNN children):
 """
 
 import concurrent.futures
-import dataclasses
 import json
 import math
 import threading
 import time
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -76,215 +75,12 @@ import numpy as np
 import optax
 
 from rlnas import data as data_lib
-from rlnas.child import cnn
+from rlnas.child import layer_units
 from rlnas.child import signature_cache
 from rlnas.child import trainer
-
-# Flax's LeCun normal draws from a standard normal truncated to [-2, 2] and
-# divides by its standard deviation, 0.8796... (jax.nn.initializers).
-_TRUNCATED_NORMAL_STD = 0.87962566103423978
-
-
-@dataclasses.dataclass(frozen=True)
-class Bucketing:
-  """How layers map to compiled shapes; the default compiles exact shapes.
-
-  Attributes:
-    kernel_sizes: odd sizes a kernel dimension is zero-padded up to (the
-      smallest that fits), e.g. (5,) runs every 1x3 or 3x3 kernel as a masked
-      5x5; () keeps kernels exact.
-    pow2_channels: zero-pad the depth of every layer input (except the image)
-      to the next power of two.
-  """
-  kernel_sizes: tuple[int, ...] = ()
-  pow2_channels: bool = False
-
-  def kernel(self, size: int, stride: int, extent: int) -> int:
-    """Padded size of a kernel dimension over an input `extent` pixels wide.
-
-    Only stride-1 dimensions are padded: with larger strides, SAME padding of
-    a larger kernel can shift the window. A kernel is never padded past the
-    input extent (a 1-pixel-high 1D signal keeps height-1 kernels).
-    """
-    fits = [k for k in sorted(self.kernel_sizes) if size <= k <= extent]
-    return fits[0] if fits and stride == 1 else size
-
-  def channels(self, depth: int) -> int:
-    return 1 << (depth - 1).bit_length() if self.pow2_channels else depth
-
-
-class MaskedConv(nn.Module):
-  """nn.Conv(padding="SAME", use_bias=False) computing with kernel * mask.
-
-  Without a mask (exact kernels) it is a plain convolution: the multiply is
-  an elementwise fusion, which XLA:CPU compiles in ~20 ms against ~5 ms for
-  the convolution alone.
-  """
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int]
-  num_filters: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
-    """x: [N, H, W, C], mask: [kh, kw, 1, 1] or None -> [N, H', W', num_filters]."""
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        self.kernel_size + (x.shape[-1], self.num_filters))
-    return jax.lax.conv_general_dilated(
-        x, kernel if mask is None else kernel * mask, self.strides, "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-class BiasNormReLU(nn.Module):
-  """The rest of cnn.ConvBNReLU: + conv bias -> BatchNorm -> ReLU."""
-  num_filters: int
-  use_bias: bool
-  bn_momentum: float
-
-  @nn.compact
-  def __call__(self, z: jax.Array, train: bool) -> jax.Array:
-    """z: [N, H, W, num_filters] convolution output -> same shape."""
-    if self.use_bias:
-      z = z + self.param("conv_bias", nn.initializers.zeros, (self.num_filters,))
-    z = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     name="BatchNorm_0")(z)
-    return nn.relu(z)
-
-
-class Classifier(nn.Module):
-  """The NAS-RL child's head: pooled (or flattened) features -> logits."""
-  num_classes: int
-  head: str = "gap"
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [N, H, W, C] -> logits [N, num_classes]."""
-    if self.head == "gap":
-      x = x.mean(axis=(1, 2))
-    elif self.head == "flatten":
-      x = x.reshape(x.shape[0], -1)
-    else:
-      raise ValueError(f"unknown child head {self.head!r}; use 'gap' or 'flatten'")
-    return nn.Dense(self.num_classes, name="classifier")(x)
-
-
-@dataclasses.dataclass(frozen=True)
-class Node:
-  """One layer of a child, as the engine runs it.
-
-  Attributes:
-    conv: the layer's convolution, None for the classifier. With the input
-      shape it is a compile cache key, so it holds padded sizes only.
-    module: BiasNormReLU for a layer, Classifier for the last node.
-    inputs: earlier nodes whose outputs are zero-padded at the bottom/right,
-      concatenated in depth (cnn.pad_and_concat) and zero-padded in depth to
-      `in_depth`; () = the child's input.
-    kernel: the layer's real (filter_height, filter_width); None for the head.
-    in_depth: padded input depth the node sees.
-  """
-  conv: Optional[MaskedConv]
-  module: nn.Module
-  inputs: tuple[int, ...]
-  kernel: Optional[tuple[int, int]]
-  in_depth: int
-
-
-def nodes_from_model(model: nn.Module, input_shape: Sequence[int],
-                     bucketing: Bucketing = Bucketing()) -> tuple[Node, ...]:
-  """Splits a cnn.NASRLConvNet into layer nodes and a classifier node.
-
-  Args:
-    model: the child network.
-    input_shape: per-example input shape, e.g. (8, 8, 1) or (40, 1).
-    bucketing: padding policy (exact by default).
-
-  Raises:
-    TypeError: `model` is not a network this engine can split.
-  """
-  if not isinstance(model, cnn.NASRLConvNet):
-    raise TypeError(f"the layer-wise engine splits cnn.NASRLConvNet children, "
-                    f"not {type(model).__name__}; use trainer.train_and_evaluate")
-  image = tuple(_as_image(np.zeros((1,) + tuple(input_shape))).shape[1:])
-  shapes = []  # Real [H, W, C] of each layer's output.
-  nodes = []
-
-  def source(inputs):
-    if not inputs:
-      return image[:2], image[2]
-    height = max(shapes[j][0] for j in inputs)
-    width = max(shapes[j][1] for j in inputs)
-    return (height, width), bucketing.channels(sum(shapes[j][2] for j in inputs))
-
-  for layer in model.layers:
-    (height, width), in_depth = source(layer.inputs)
-    kernel = (layer.filter_height, layer.filter_width)
-    conv = MaskedConv(
-        (bucketing.kernel(kernel[0], layer.stride_height, height),
-         bucketing.kernel(kernel[1], layer.stride_width, width)),
-        (layer.stride_height, layer.stride_width), layer.num_filters)
-    module = BiasNormReLU(layer.num_filters, model.use_bias, model.bn_momentum)
-    nodes.append(Node(conv, module, tuple(layer.inputs), kernel, in_depth))
-    shapes.append((-(-height // layer.stride_height),
-                   -(-width // layer.stride_width), layer.num_filters))
-  head_inputs = cnn.unconsumed(model.layers)
-  _, in_depth = source(head_inputs)
-  nodes.append(Node(None, Classifier(model.num_classes, model.head), head_inputs,
-                    None, in_depth))
-  return tuple(nodes)
-
-
-def _real_depth(nodes: Sequence[Node], i: int, image_depth: int) -> int:
-  node = nodes[i]
-  if not node.inputs:
-    return image_depth
-  return sum(nodes[j].module.num_filters for j in node.inputs)
-
-
-def _input_shapes(nodes: Sequence[Node], input_shape: tuple[int, ...]):
-  """Per-node padded input shapes [H, W, C] (without batch)."""
-  outputs, shapes = [], []
-  for node in nodes:
-    if node.inputs:
-      height = max(outputs[j][0] for j in node.inputs)
-      width = max(outputs[j][1] for j in node.inputs)
-      shapes.append((height, width, node.in_depth))
-    else:
-      shapes.append(tuple(input_shape))
-    if node.conv is not None:
-      sh, sw = node.conv.strides
-      outputs.append((-(-shapes[-1][0] // sh), -(-shapes[-1][1] // sw),
-                      node.conv.num_filters))
-  return shapes
-
-
-def _truncated_normal(rng: np.random.Generator, shape) -> np.ndarray:
-  z = rng.standard_normal(shape)
-  while True:
-    bad = np.abs(z) > 2.0
-    if not bad.any():
-      return z
-    z[bad] = rng.standard_normal(int(bad.sum()))
-
-
-def _merge_fn(in_depth: int):
-  """xs -> cnn.pad_and_concat(xs) zero-padded in depth to in_depth."""
-  def merge(xs):
-    x = cnn.pad_and_concat(xs)
-    pad = in_depth - x.shape[-1]
-    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, pad),)) if pad else x
-  return merge
-
-
-def _as_image(x):
-  """1D signals [N, L, C] run as [N, 1, L, C] images, as in cnn.NASRLConvNet."""
-  return x[:, None] if x.ndim == 3 else x
-
-
-def _init_leaf(path, leaf):
-  """Flax defaults for everything but kernels: ones for scales and variances."""
-  if path[-1].key in ("scale", "var"):
-    return np.ones(leaf.shape, leaf.dtype)
-  return np.zeros(leaf.shape, leaf.dtype)
-
+# The units and layouts the engine runs, re-exported as part of its API.
+from rlnas.child.layer_units import (  # pylint: disable=unused-import
+    Bucketing, BiasNormReLU, Classifier, MaskedConv, Node, assemble, nodes_from_model)
 
 class LayerwiseEngine:
   """Trains children unit by unit with executables cached by signature.
@@ -312,8 +108,8 @@ class LayerwiseEngine:
     self.tx = optimizer
     self.bucketing = bucketing
     self.cache = signature_cache.SignatureCache(compile_threads)
+    self.variables = layer_units.HostVariables(optimizer)
     self._masks: dict[Hashable, jax.Array] = {}
-    self._shapes: dict[Hashable, Any] = {}
     # Optimizer states are built on the host as zeros of tx.init's shapes;
     # that is what every optax transform above returns, but check.
     probe = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
@@ -372,7 +168,7 @@ class LayerwiseEngine:
     with self.cache.abstract():
       for nodes in children:
         try:
-          variables = self._variable_shapes(nodes, input_shape)
+          variables = self.variables.variable_shapes(nodes, input_shape)
           self.train_step(nodes, variables, x, labels)
           self.eval_correct(nodes, variables, x, labels, valid)
         except Exception:  # pylint: disable=broad-except
@@ -383,7 +179,10 @@ class LayerwiseEngine:
       self.cache.wait_all()
     return None
 
-  # -- Initialisation, on the host. --------------------------------------------
+  def init(self, nodes: Sequence[Node], input_shape: tuple[int, ...],
+           seed: Sequence[int]) -> list[dict]:
+    """A child's per-node variables, drawn on the host (`HostVariables.init`)."""
+    return self.variables.init(nodes, input_shape, seed)
 
   def _mask(self, node: Node) -> Optional[jax.Array]:
     """[kh, kw, 1, 1] ones over the real kernel, centred in the padded one;
@@ -399,76 +198,6 @@ class LayerwiseEngine:
       self._masks[key] = jax.device_put(mask)
     return self._masks[key]
 
-  def _unit_shapes(self, module: nn.Module, *args):
-    """(params, state, opt_state) shapes of a unit applied to args' shapes."""
-    key = (module,) + tuple((a.shape, a.dtype) for a in args)
-    if key not in self._shapes:
-      init = lambda *args: module.init(jax.random.PRNGKey(0), *args)
-      if isinstance(module, BiasNormReLU):
-        init = lambda z: module.init(jax.random.PRNGKey(0), z, train=False)
-      variables = dict(jax.eval_shape(init, *args))
-      params = variables.pop("params")
-      self._shapes[key] = (params, variables, jax.eval_shape(self.tx.init, params))
-    return self._shapes[key]
-
-  def _variable_shapes(self, nodes: Sequence[Node], input_shape) -> list[dict]:
-    """Per-node variables as ShapeDtypeStructs (batch 1), for `init`/`precompile`."""
-    sds = jax.ShapeDtypeStruct
-    out = []
-    for node, shape in zip(nodes, _input_shapes(nodes, input_shape)):
-      x = sds((1,) + tuple(shape), jnp.float32)
-      if node.conv is None:
-        params, _, opt = self._unit_shapes(node.module, x)
-        out.append({"head": [params, opt]})
-        continue
-      mask = sds(node.conv.kernel_size + (1, 1), jnp.float32)
-      conv_params, _, conv_opt = self._unit_shapes(node.conv, x, mask)
-      z = jax.eval_shape(lambda p, x, m: node.conv.apply({"params": p}, x, m),
-                         conv_params, x, mask)
-      norm_params, norm_state, norm_opt = self._unit_shapes(node.module, z)
-      out.append({"conv": [conv_params, conv_opt],
-                  "norm": [norm_params, norm_state, norm_opt]})
-    return out
-
-  def init(self, nodes: Sequence[Node], input_shape: tuple[int, ...],
-           seed: Sequence[int]) -> list[dict]:
-    """Per-node variables (numpy): Flax's default initializers, drawn on the
-    host and embedded in the padding (padded weights start at zero)."""
-    shapes = self._variable_shapes(nodes, input_shape)
-    image_depth = input_shape[-1]
-    out = []
-    for i, (node, node_shapes) in enumerate(zip(nodes, shapes)):
-      rng = np.random.default_rng(list(seed) + [i])
-      depth = _real_depth(nodes, i, image_depth)
-      zeros = lambda tree: jax.tree_util.tree_map(
-          lambda s: np.zeros(s.shape, s.dtype), tree)
-      if node.conv is None:
-        params, opt = node_shapes["head"]
-        params = jax.tree_util.tree_map_with_path(_init_leaf, params)
-        kernel = params["classifier"]["kernel"]  # [groups * in_depth, classes]
-        # A flattened head has one group of in_depth features per pixel, of
-        # which the first `depth` are real.
-        groups = kernel.shape[0] // node.in_depth
-        std = math.sqrt(1.0 / (groups * depth)) / _TRUNCATED_NORMAL_STD
-        value = np.zeros((groups, node.in_depth) + kernel.shape[1:], np.float32)
-        value[:, :depth] = _truncated_normal(rng, (groups, depth) + kernel.shape[1:]) * std
-        params["classifier"]["kernel"] = value.reshape(kernel.shape)
-        out.append({"head": [params, zeros(opt)]})
-        continue
-      (conv_params, conv_opt), (norm_params, norm_state, norm_opt) = (
-          node_shapes["conv"], node_shapes["norm"])
-      (kh, kw), (ph, pw) = node.kernel, node.conv.kernel_size
-      std = math.sqrt(1.0 / (kh * kw * depth)) / _TRUNCATED_NORMAL_STD
-      kernel = np.zeros(conv_params["kernel"].shape, np.float32)
-      top, left = (ph - kh) // 2, (pw - kw) // 2
-      kernel[top:top + kh, left:left + kw, :depth] = _truncated_normal(
-          rng, (kh, kw, depth, node.conv.num_filters)) * std
-      out.append({
-          "conv": [{"kernel": kernel}, zeros(conv_opt)],
-          "norm": [jax.tree_util.tree_map_with_path(_init_leaf, norm_params),
-                   jax.tree_util.tree_map_with_path(_init_leaf, norm_state),
-                   zeros(norm_opt)]})
-    return out
 
   # -- Compiled units. ----------------------------------------------------------
 
@@ -566,7 +295,7 @@ class LayerwiseEngine:
 
   def _merge(self, xs, in_depth: int):
     """Depth concatenation (padded to in_depth) and its VJP."""
-    merge = _merge_fn(in_depth)
+    merge = layer_units.merge_fn(in_depth)
     key = ("merge", tuple(x.shape for x in xs), in_depth)
     return self._call(key, lambda: lambda xs: jax.vjp(merge, xs), xs)
 
@@ -595,14 +324,14 @@ class LayerwiseEngine:
         # Same key schedule as trainer.train_and_evaluate.
         rng = jax.random.fold_in(jax.random.fold_in(rng, epoch), step)
         x = data_lib.augment(rng, x, random_crop_padding=crop, horizontal_flip=flip)
-        return _as_image(x), labels[idx]
+        return layer_units.as_image(x), labels[idx]
       return prepare
     args = (images, labels, perm, epoch, step, rng, mean, std)
     key = ("prepare",) + tuple((a.shape, a.dtype) for a in args) + (augment,)
     return self._call(key, make, *args)
 
   def _prepare_eval(self, images, mean, std):
-    make = lambda: lambda x, m, s: _as_image(data_lib.preprocess(x, m, s))
+    make = lambda: lambda x, m, s: layer_units.as_image(data_lib.preprocess(x, m, s))
     return self._call(("prepare_eval", images.shape, images.dtype), make,
                       images, mean, std)
 
@@ -709,7 +438,7 @@ class LayerwiseEngine:
     images, labels = jax.device_put(train.images), jax.device_put(train.labels)
     v_images, v_labels, v_valid = jax.device_put(_eval_batches(val, batch))
     init_rng, data_rng, aug_rng = jax.random.split(rng, 3)
-    input_shape = tuple(_as_image(np.zeros((1,) + images.shape[1:])).shape[1:])
+    input_shape = tuple(layer_units.as_image(np.zeros((1,) + images.shape[1:])).shape[1:])
     seed = np.asarray(jax.random.key_data(init_rng)).ravel().tolist()
     variables = self.init(nodes, input_shape, seed)
 
@@ -743,68 +472,6 @@ def _eval_batches(split: data_lib.Split, batch: int):
   return trainer._padded_batches(split.images, split.labels, batch)  # pylint: disable=protected-access
 
 
-def assemble(nodes: Sequence[Node], variables: Sequence[dict], image_depth: int,
-             part: int) -> Any:
-  """Joins per-node variables into cnn.NASRLConvNet's layout, cutting padding.
-
-  Args:
-    nodes: the child.
-    variables: per-node variables (from `init` or after training).
-    image_depth: channels of the child's input.
-    part: 0 = params, 1 = batch statistics, 2 = optimizer state. Optax states
-      are joined in their parameter-shaped subtrees; step counts, equal in
-      every unit, come from the first.
-  """
-  def cut_kernel(i, leaf):
-    node = nodes[i]
-    depth = _real_depth(nodes, i, image_depth)
-    if not hasattr(leaf, "shape"):  # optax.MaskedNode and the like.
-      return leaf
-    if node.conv is None:
-      grouped = leaf.reshape((-1, node.in_depth) + leaf.shape[1:])
-      return grouped[:, :depth].reshape((-1,) + leaf.shape[1:])
-    (kh, kw), (ph, pw) = node.kernel, leaf.shape[:2]
-    top, left = (ph - kh) // 2, (pw - kw) // 2
-    return leaf[top:top + kh, left:left + kw, :depth]
-
-  def layer_tree(i, conv, norm):
-    if part == 1:
-      return norm.get("batch_stats", {})
-    out = {"Conv_0": {"kernel": cut_kernel(i, conv["kernel"])}}
-    if "conv_bias" in norm:
-      out["Conv_0"]["bias"] = norm["conv_bias"]
-    out["BatchNorm_0"] = norm["BatchNorm_0"]
-    return out
-
-  def head_tree(head):
-    if part == 1:
-      return None
-    kernel = cut_kernel(len(nodes) - 1, head["classifier"]["kernel"])
-    return {"classifier": {**head["classifier"], "kernel": kernel}}
-
-  # Units: per layer conv and norm, then the head; their trees share one
-  # optax skeleton, so map over them together, joining at parameter dicts.
-  units = []
-  for v in variables[:-1]:
-    units.append(v["conv"][0 if part == 0 else -1] if part != 1 else {})
-    units.append(v["norm"][part])
-  units.append(variables[-1]["head"][0 if part == 0 else -1] if part != 1 else {})
-
-  def join(*trees):
-    if not isinstance(trees[0], dict):
-      return trees[0]
-    out = {}
-    for i in range(len(nodes) - 1):
-      out[f"layer_{i}"] = layer_tree(i, trees[2 * i], trees[2 * i + 1])
-    head = head_tree(trees[-1])
-    if head:
-      out.update(head)
-    return out
-  if part == 1:
-    return join(*units)
-  return jax.tree_util.tree_map(join, *units, is_leaf=lambda t: isinstance(t, dict))
-
-
 _ENGINES: dict[Hashable, LayerwiseEngine] = {}
 _ENGINES_LOCK = threading.Lock()  # Children may train in several threads.
 
@@ -832,7 +499,7 @@ def _engine_and_nodes(models, dataset, cfg, bucketing):
   batch = min(cfg.batch_size, n)
   engine = engine_for(cfg, (n // batch) * cfg.epochs, bucketing)
   children = [nodes_from_model(m, dataset.input_shape, bucketing) for m in models]
-  image_shape = tuple(_as_image(np.zeros((1,) + tuple(dataset.input_shape))).shape[1:])
+  image_shape = tuple(layer_units.as_image(np.zeros((1,) + tuple(dataset.input_shape))).shape[1:])
   return engine, children, image_shape, batch
 
 
