@@ -61,6 +61,16 @@ class ConvBNReLU(nn.Module):
     return nn.relu(x)
 
 
+def head_features(x: jax.Array, head: str) -> jax.Array:
+  """What the classifier reads: [N, H, W, C] -> [N, C] ("gap", global average
+  pooling) or [N, H * W * C] ("flatten")."""
+  if head == "gap":
+    return x.mean(axis=(1, 2))
+  if head == "flatten":
+    return x.reshape(x.shape[0], -1)
+  raise ValueError(f"unknown child head {head!r}; use 'gap' or 'flatten'")
+
+
 class NASRLConvNet(nn.Module):
   """The child network of a decoded architecture.
 
@@ -86,10 +96,4 @@ class NASRLConvNet(nn.Module):
       outputs.append(ConvBNReLU(layer, self.use_bias, self.bn_momentum,
                                 name=f"layer_{i}")(inp, train))
     features = pad_and_concat([outputs[i] for i in unconsumed(self.layers)])
-    if self.head == "gap":
-      features = features.mean(axis=(1, 2))
-    elif self.head == "flatten":
-      features = features.reshape(features.shape[0], -1)
-    else:
-      raise ValueError(f"unknown child head {self.head!r}; use 'gap' or 'flatten'")
-    return nn.Dense(self.num_classes, name="classifier")(features)
+    return nn.Dense(self.num_classes, name="classifier")(head_features(features, self.head))

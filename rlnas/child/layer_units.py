@@ -99,13 +99,7 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, H, W, C] -> logits [N, num_classes]."""
-    if self.head == "gap":
-      x = x.mean(axis=(1, 2))
-    elif self.head == "flatten":
-      x = x.reshape(x.shape[0], -1)
-    else:
-      raise ValueError(f"unknown child head {self.head!r}; use 'gap' or 'flatten'")
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return nn.Dense(self.num_classes, name="classifier")(cnn.head_features(x, self.head))
 
 
 @dataclasses.dataclass(frozen=True)
