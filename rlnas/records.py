@@ -2,13 +2,15 @@
 
 - `history.jsonl`: one JSON line per child, appended and flushed (and fsynced)
   as soon as the child is evaluated, so a killed search loses nothing it
-  finished. A torn last line (a kill mid-write) is detected and dropped on resume.
+  finished. A torn last line (a kill mid-write) is detected and dropped on
+  resume; `SearchHistory` replays the lines of an unfinished step.
 - `history.discarded.jsonl`: lines a resumed search could not replay (e.g. the
   config changed under `allow_config_change`), kept rather than deleted.
 - `best.json`: the best child so far, replaced atomically (write, then rename).
 - `tb/`: TensorBoard event files written by tensorboardX (no TensorFlow needed).
 """
 
+import collections
 import json
 import os
 from typing import Any, Iterable
@@ -148,3 +150,94 @@ class ScalarWriter:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+class NoHistory:
+  """What processes other than 0 hold instead of the history: nothing."""
+  done, pending, lines, replayed = (), (), 0, 0
+
+  def append(self, record: dict[str, Any]) -> None:
+    del record
+
+  def drop_last(self, num: int, reason: str) -> None:
+    del num, reason
+
+  def close(self) -> None:
+    pass
+
+
+class SearchHistory:
+  """history.jsonl of a running search: replays what a killed run left, appends.
+
+  On open, the lines of steps before the restored checkpoint are final; the
+  lines after them ("pending") belong to steps the checkpoint does not cover
+  and are replayed in order, each only if it is exactly the child the resumed
+  search proposes (same step, index, id and tokens). The first line that is
+  not, and every pending line after it, moves to history.discarded.jsonl.
+  """
+
+  def __init__(self, workdir: str, step: int, children_done: int,
+               discard_reason: str | None = None):
+    self.workdir = workdir
+    history, repaired = load_history(workdir)
+    n_done = 0
+    while n_done < len(history) and history[n_done]["step"] < step:
+      n_done += 1
+    self.done = history[:n_done]
+    pending = history[n_done:]
+    if n_done != children_done or any(r["step"] < step for r in pending):
+      raise RuntimeError(
+          f"{workdir}: history.jsonl holds {n_done} children before step {step} "
+          f"but the checkpoint counts {children_done}; the workdir was modified "
+          "by hand. Start a new workdir.")
+    if pending and discard_reason:
+      append_discarded(workdir, pending, discard_reason)
+      logging.warning("%d children of unfinished steps moved to %s: %s",
+                      len(pending), DISCARDED, discard_reason)
+      pending, repaired = [], True
+    if repaired:
+      rewrite_history(workdir, self.done + pending)
+    self.pending = collections.deque(pending)
+    self.lines = n_done        # lines in the file that are not pending
+    self.replayed = 0
+    self._writer = HistoryWriter(workdir)
+
+  def replay(self, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded line of the child `record` describes, if the file has it."""
+    if not self.pending:
+      return None
+    old = self.pending[0]
+    if all(old.get(k) == record[k] for k in ("step", "index", "child_id", "tokens")):
+      self.pending.popleft()
+      self.lines += 1
+      self.replayed += 1
+      return old
+    self._discard("not what the resumed search proposes (code or config changed)")
+    return None
+
+  def append(self, record: dict[str, Any]) -> None:
+    if self.pending:
+      self._discard("not what the resumed search proposes (code or config changed)")
+    self._writer.append(record)
+    self.lines += 1
+
+  def drop_last(self, num: int, reason: str) -> None:
+    """Moves the last `num` lines to history.discarded.jsonl (retried on resume)."""
+    self._rewrite(self.lines - num, reason)
+
+  def _discard(self, reason: str) -> None:
+    self._rewrite(self.lines, reason)
+
+  def _rewrite(self, keep: int, reason: str) -> None:
+    self._writer.close()
+    history = read_history(self.workdir)
+    append_discarded(self.workdir, history[keep:], reason)
+    logging.warning("%d history lines moved to %s: %s", len(history) - keep,
+                    DISCARDED, reason)
+    rewrite_history(self.workdir, history[:keep])
+    self.pending.clear()
+    self.lines = keep
+    self._writer = HistoryWriter(self.workdir)
+
+  def close(self) -> None:
+    self._writer.close()

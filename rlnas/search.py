@@ -25,7 +25,6 @@ What survives what (tested in tests/test_survival.py):
   stops at once (still resumable).
 """
 
-import collections
 import dataclasses
 import inspect
 import math
@@ -47,6 +46,7 @@ from rlnas import reward_cache
 from rlnas import spaces
 from rlnas import strategies
 from rlnas import tabular  # registers the "tabular" evaluator  # pylint: disable=unused-import
+from rlnas import workers
 from rlnas.evaluators import ChildResult
 from rlnas.reward_cache import RewardCache
 
@@ -165,7 +165,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   except ValueError as e:  # e.g. a space the evaluator cannot build children of
     raise ConfigError(str(e)) from None
   try:  # several processes or local devices: spread each step's children
-    evaluator = distributed.wrap(evaluator, config)
+    evaluator = workers.wrap(evaluator, config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return Setup(space, strategy, evaluator)
@@ -233,10 +233,11 @@ def _evaluate_in_parallel(group, evaluator, history, cache: RewardCache, step: i
   replayed, served = [], {}
   if group.is_primary:
     for i, arch in enumerate(archs):
-      result = history.replay({"step": step, "index": i, "child_id": first_id + i,
-                               "tokens": list(arch.tokens)})
-      if result is None:
+      line = history.replay({"step": step, "index": i, "child_id": first_id + i,
+                             "tokens": list(arch.tokens)})
+      if line is None:
         break
+      result = ChildResult.from_json(line)
       cache.note(arch.key, first_id + i, result)
       replayed.append(result.to_json())
     for i in range(len(replayed), n):
@@ -321,97 +322,6 @@ def _evaluate(evaluator, arch, child_id: int,
   return evaluator.evaluate([arch], [child_id])[0]
 
 
-class _NoHistory:
-  """What processes other than 0 hold instead of the history: nothing."""
-  done, pending, lines, replayed = (), (), 0, 0
-
-  def append(self, record: dict[str, Any]) -> None:
-    del record
-
-  def drop_last(self, num: int, reason: str) -> None:
-    del num, reason
-
-  def close(self) -> None:
-    pass
-
-
-class _History:
-  """history.jsonl of a running search: replays what a killed run left, appends.
-
-  On open, the lines of steps before the restored checkpoint are final; the
-  lines after them ("pending") belong to steps the checkpoint does not cover
-  and are replayed in order, each only if it is exactly the child the resumed
-  search proposes (same step, index, id and tokens). The first line that is
-  not, and every pending line after it, moves to history.discarded.jsonl.
-  """
-
-  def __init__(self, workdir: str, step: int, children_done: int,
-               discard_reason: str | None = None):
-    self.workdir = workdir
-    history, repaired = records.load_history(workdir)
-    n_done = 0
-    while n_done < len(history) and history[n_done]["step"] < step:
-      n_done += 1
-    self.done = history[:n_done]
-    pending = history[n_done:]
-    if n_done != children_done or any(r["step"] < step for r in pending):
-      raise RuntimeError(
-          f"{workdir}: history.jsonl holds {n_done} children before step {step} "
-          f"but the checkpoint counts {children_done}; the workdir was modified "
-          "by hand. Start a new workdir.")
-    if pending and discard_reason:
-      records.append_discarded(workdir, pending, discard_reason)
-      logging.warning("%d children of unfinished steps moved to %s: %s",
-                      len(pending), records.DISCARDED, discard_reason)
-      pending, repaired = [], True
-    if repaired:
-      records.rewrite_history(workdir, self.done + pending)
-    self.pending = collections.deque(pending)
-    self.lines = n_done        # lines in the file that are not pending
-    self.replayed = 0
-    self._writer = records.HistoryWriter(workdir)
-
-  def replay(self, record: dict[str, Any]) -> ChildResult | None:
-    """The recorded result of the child `record` describes, if the file has it."""
-    if not self.pending:
-      return None
-    old = self.pending[0]
-    if all(old.get(k) == record[k] for k in ("step", "index", "child_id", "tokens")):
-      self.pending.popleft()
-      self.lines += 1
-      self.replayed += 1
-      return ChildResult.from_json(old)
-    self._discard("not what the resumed search proposes (code or config changed)")
-    return None
-
-  def append(self, record: dict[str, Any]) -> None:
-    if self.pending:
-      self._discard("not what the resumed search proposes (code or config changed)")
-    self._writer.append(record)
-    self.lines += 1
-
-  def drop_last(self, num: int, reason: str) -> None:
-    """Moves the last `num` lines to history.discarded.jsonl (retried on resume)."""
-    self._rewrite(self.lines - num, reason)
-
-  def _discard(self, reason: str) -> None:
-    self._rewrite(self.lines, reason)
-
-  def _rewrite(self, keep: int, reason: str) -> None:
-    self._writer.close()
-    history = records.read_history(self.workdir)
-    records.append_discarded(self.workdir, history[keep:], reason)
-    logging.warning("%d history lines moved to %s: %s", len(history) - keep,
-                    records.DISCARDED, reason)
-    records.rewrite_history(self.workdir, history[:keep])
-    self.pending.clear()
-    self.lines = keep
-    self._writer = records.HistoryWriter(self.workdir)
-
-  def close(self) -> None:
-    self._writer.close()
-
-
 def _fmt_minutes(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -472,10 +382,10 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
 
   # Children evaluated after the last checkpoint are replayed, not retrained,
   # unless the config changed (then their results may no longer hold).
-  history = _History(
+  history = records.SearchHistory(
       workdir, loop["step"], loop["children_done"],
       discard_reason=(f"config changed ({', '.join(changed[:5])})"
-                      if changed else None)) if primary else _NoHistory()
+                      if changed else None)) if primary else records.NoHistory()
   if history.pending:
     logging.info("%d children after the checkpoint will be read back from %s, "
                  "not retrained", len(history.pending), records.HISTORY)
@@ -531,7 +441,8 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
       for i, arch in enumerate(() if parallel else archs):
         record = {"step": step, "index": i, "child_id": first_id + i,
                   "tokens": list(arch.tokens)}
-        result = history.replay(record)
+        line = history.replay(record)
+        result = None if line is None else ChildResult.from_json(line)
         if result is None:
           if stop_flag.signal:
             break
