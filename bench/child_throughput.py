@@ -17,7 +17,7 @@ Methods (`--compare`):
               default compilation (`jit_compile="auto"`). Needs tensorflow-cpu
               in the Python given by --keras_python (default: this one).
   rlnas       the search's own evaluator path: ChildTrainerEvaluator wrapped by
-              rlnas.distributed.wrap as `search.prepare` does (config defaults:
+              rlnas.workers.wrap as `search.prepare` does (config defaults:
               the layer-wise engine on CPU and one child per core at once),
               `prepare` then `evaluate` per controller step of
               config.search.children_per_step children.
@@ -195,11 +195,11 @@ def _run_rlnas(config, warmup, archs, per_device: int):
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   from rlnas import data as data_lib  # pylint: disable=import-outside-toplevel
-  from rlnas import distributed  # pylint: disable=import-outside-toplevel
+  from rlnas import workers  # pylint: disable=import-outside-toplevel
   from rlnas import evaluators  # pylint: disable=import-outside-toplevel
   config.distributed.children_per_device = per_device
   base = evaluators.ChildTrainerEvaluator(data_lib.load(config.data), config)
-  evaluator = distributed.wrap(base, config)
+  evaluator = workers.wrap(base, config)
   workers = len(getattr(evaluator, "workers", [None]))
   per_step = int(config.search.children_per_step)
   base.evaluate([warmup], [10**6])

@@ -12,7 +12,7 @@
   launch/local.sh, the README's command, runs a two-process search.
 
 The multi-process searches use the "synthetic" evaluator (a known reward
-after a set time, rlnas.distributed.SyntheticEvaluator) so that they cost
+after a set time, rlnas.workers.SyntheticEvaluator) so that they cost
 seconds.
 """
 
@@ -37,6 +37,7 @@ from rlnas import distributed
 from rlnas import evaluators
 from rlnas import search
 from rlnas import spaces
+from rlnas import workers
 from rlnas.evaluators import ChildResult
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def _synthetic(seconds=0.0, spread=0.0, fail_every=0):
   config = ml_collections.ConfigDict({
       "seed": 0, "search": {"failure_reward": -1.0},
       "synthetic": {"seconds": seconds, "spread": spread, "fail_every": fail_every}})
-  return distributed.SyntheticEvaluator(config, None)
+  return workers.SyntheticEvaluator(config, None)
 
 
 def _free_port():
@@ -249,9 +250,9 @@ def test_wrap_keeps_a_single_device_evaluator():
                                       "distributed": {"children_per_device": 1}})
   base = _synthetic()
   if len(jax.local_devices()) == 1:
-    assert distributed.wrap(base, config) is base
+    assert workers.wrap(base, config) is base
   config.distributed.children_per_device = 2
-  assert isinstance(distributed.wrap(base, config), distributed.DistributedEvaluator)
+  assert isinstance(workers.wrap(base, config), workers.DistributedEvaluator)
 
 
 def test_auto_children_per_device_asks_the_evaluator():
@@ -260,20 +261,20 @@ def test_auto_children_per_device_asks_the_evaluator():
   base = _synthetic()
   devices = len(jax.local_devices())
   if devices == 1:  # Says nothing: one child at a time, unwrapped.
-    assert distributed.wrap(base, config) is base
+    assert workers.wrap(base, config) is base
   base.children_at_once = 3
-  wrapped = distributed.wrap(base, config)
+  wrapped = workers.wrap(base, config)
   assert len(wrapped.workers) == 3 * devices
   assert [w.name for w in wrapped.workers][:3] == [
-      f"p0/{distributed._device_name(jax.local_devices()[0])}/{s}"  # pylint: disable=protected-access
+      f"p0/{workers._device_name(jax.local_devices()[0])}/{s}"  # pylint: disable=protected-access
       for s in range(3)]
 
 
 def test_evaluator_spreads_uneven_children_and_keeps_their_order():
   space, base = _space(), _synthetic(seconds=0.02, spread=1.0, fail_every=4)
   archs, ids = _archs(space, 7), list(range(10, 17))
-  dist = distributed.DistributedEvaluator(base, distributed.group(), _one_device(),
-                                          children_per_device=3)  # 7 = 3 + 3 + 1
+  dist = workers.DistributedEvaluator(base, distributed.group(), _one_device(),
+                                      children_per_device=3)  # 7 = 3 + 3 + 1
   seen = []
   got = dist.evaluate(archs, ids, on_result=lambda i, r: seen.append(i))
   want = base.evaluate(archs, ids)
@@ -281,8 +282,8 @@ def test_evaluator_spreads_uneven_children_and_keeps_their_order():
   assert [(r.reward, r.status, r.error) for r in got] == [
       (r.reward, r.status, r.error) for r in want]
   assert got[1].status == evaluators.FAILED  # child 11: every 4th fails
-  workers = {r.metrics["device"] + str(r.metrics["worker_seconds"] > 0) for r in got}
-  assert workers == {"cpu:0True"}
+  devices = {r.metrics["device"] + str(r.metrics["worker_seconds"] > 0) for r in got}
+  assert devices == {"cpu:0True"}
   assert all(r.metrics["process"] == 0 for r in got)
   assert dist.totals and sum(t[0] for t in dist.totals.values()) == 7
   assert dist.last_scalars["workers/children_per_minute"] > 0
@@ -299,8 +300,8 @@ class _Raising:
 
 
 def test_a_child_that_raises_is_a_failed_child_not_a_hang():
-  dist = distributed.DistributedEvaluator(_Raising(), distributed.group(), _one_device(),
-                                          children_per_device=2, failure_reward=-3.0)
+  dist = workers.DistributedEvaluator(_Raising(), distributed.group(), _one_device(),
+                                      children_per_device=2, failure_reward=-3.0)
   got = dist.evaluate(_archs(_space(), 4), [0, 1, 2, 3])
   assert [r.reward for r in got] == [1.0, -3.0, 1.0, -3.0]
   assert "ZeroDivisionError: boom" in got[1].error
@@ -308,8 +309,8 @@ def test_a_child_that_raises_is_a_failed_child_not_a_hang():
 
 def test_a_stop_request_interrupts_every_worker():
   space = _space()
-  dist = distributed.DistributedEvaluator(_synthetic(seconds=0.3), distributed.group(),
-                                          _one_device(), children_per_device=2)
+  dist = workers.DistributedEvaluator(_synthetic(seconds=0.3), distributed.group(),
+                                      _one_device(), children_per_device=2)
   start, seen = time.monotonic(), []
   with pytest.raises(evaluators.Interrupted):
     dist.evaluate(_archs(space, 6), list(range(6)),
@@ -329,7 +330,7 @@ FOUR_DEVICES = textwrap.dedent('''
     jax.config.update("jax_disable_most_optimizations", True)
     sys.path.insert(0, {repo!r})
     from configs import default
-    from rlnas import data, distributed, evaluators, spaces
+    from rlnas import data, distributed, evaluators, spaces, workers
     assert len(jax.local_devices()) == 4, jax.local_devices()
     config = default.get_config()
     config.space.num_layers = 1
@@ -345,8 +346,8 @@ FOUR_DEVICES = textwrap.dedent('''
     g = distributed.group(config.distributed)
     out = {{}}
     # Synthetic: who ran each child (device) and where its key was drawn.
-    base = distributed.SyntheticEvaluator(config, space)
-    dist = distributed.DistributedEvaluator(base, g)
+    base = workers.SyntheticEvaluator(config, space)
+    dist = workers.DistributedEvaluator(base, g)
     got = dist.evaluate(archs, list(range(8)))
     out["synthetic"] = [(r.reward, r.metrics["device"], r.metrics["computed_on"]) for r in got]
     out["synthetic_single"] = [r.reward for r in base.evaluate(archs, list(range(8)))]
@@ -360,7 +361,7 @@ FOUR_DEVICES = textwrap.dedent('''
                            mean=np.array([127.0], np.float32),
                            std=np.array([64.0], np.float32), name="tiny")
     base = evaluators.ChildTrainerEvaluator(dataset, config)
-    got = distributed.DistributedEvaluator(base, g).evaluate(archs[:2], [0, 1])
+    got = workers.DistributedEvaluator(base, g).evaluate(archs[:2], [0, 1])
     want = base.evaluate(archs[:2], [0, 1])
     out["real"] = [(r.reward, r.val_accuracies, r.metrics["device"]) for r in got]
     out["real_single"] = [(r.reward, r.val_accuracies) for r in want]
