@@ -164,7 +164,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.collective_timeout_seconds = 3600
   # Children trained at once on each local device (threads). 0 = auto: on CPU,
   # one per core in a one-process job (the layer-wise engine's executables run
-  # single-threaded; two made the default search 1.24-1.58x faster on 2 cores,
+  # single-threaded; two made the default search 1.26-1.58x faster on 2 cores,
   # bench/README.md), else 1.
   # More than 1 can also fill a large GPU with small children.
   config.distributed.children_per_device = 0

@@ -124,7 +124,7 @@ class ChildTrainerEvaluator:
 
     The layer-wise engine runs small single-threaded executables, so on CPU
     one child per core uses the machine (bench/README.md: two children at
-    once on 2 cores made a whole default search 1.24x faster with a cold
+    once on 2 cores made a whole default search 1.26x faster with a cold
     compilation cache, 1.58x with a warm one); the whole-child programs of
     the jit engine keep an accelerator busy alone.
     `config.distributed.children_per_device = 0` takes this number.
