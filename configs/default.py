@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.search.strategy = "reinforce"
   # 'child_trainer' trains every child from scratch on config.data.
   config.search.evaluator = "child_trainer"
-  # Architectures sampled per controller step (Zoph & Le 2017, sec. 3.4: m = 8).
+  # Architectures sampled per controller step (Zoph & Le 2017, sec. 4.1: m = 8).
   config.search.children_per_step = 8
   # Stop after this many children, or minutes (0 = no limit), or this many
   # controller steps without a better best reward (0 = off).
@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.search.max_consecutive_failures = 20
   # Reuse the first successful result of an architecture sampled again instead
   # of retraining it (history: metrics.cached_from). Off for reproductions:
-  # in the paper every sample is a freshly trained, noisy reward (sec. 3.1).
+  # in the paper every sample is a freshly trained, noisy reward (sec. 3.2).
   # Repeats are marked in the history either way (repeat_of).
   config.search.reward_cache = False
   # Checkpoints kept in WORKDIR/checkpoints (one is written per controller step).

@@ -13,7 +13,7 @@
 This module holds the runtime (`initialize`) and the bounded collectives
 (`Group`); rlnas.workers spreads a step's children over the workers.
 
-Zoph & Le 2017 (sec. 3.4) trained 800 children at once with a parameter
+Zoph & Le 2017 (sec. 3.2 and 4.1) trained 800 children at once with a parameter
 server and 100 controller replicas. Here the controller is tiny, so every
 process keeps a replica and applies the identical update; architectures are
 sampled from the replicated controller with the same `fold_in(seed, step)`

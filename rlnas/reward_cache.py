@@ -1,10 +1,10 @@
 """Architectures already evaluated: repeat tracking, and an opt-in reward cache.
 
-REINFORCE resamples its favourite architectures late in a search (and
-evolution its parents' unchanged children). Each such sample is, in the
-paper's setting, a fresh noisy reward: the child is retrained from scratch
-with its own seed (Zoph & Le 2017, sec. 3.1). So by default every child is
-trained, and the history only marks repeats (`repeat_of`: the first child
+REINFORCE resamples its favourite architectures late in a search. In the
+paper every sampled architecture is a child trained to convergence whose
+validation accuracy is the reward (Zoph & Le 2017, sec. 3.2), so a repeat is
+a fresh, noisy draw (here also with its own seed). So by default every child
+is trained, and the history only marks repeats (`repeat_of`: the first child
 with the same architecture). With `config.search.reward_cache = True` a
 repeat instead takes the first successful evaluation's result and records
 where it came from (`metrics.cached_from`), which saves its training time but

@@ -6,7 +6,7 @@
     strategy.update <── rewards [M] <── evaluator.evaluate(archs, child_ids)
 
 Each controller step samples M = config.search.children_per_step architectures
-(Zoph & Le 2017, sec. 3.4: m = 8), evaluates them, applies one strategy update,
+(Zoph & Le 2017, sec. 4.1: m = 8), evaluates them, applies one strategy update,
 appends one history line per child, replaces best.json, writes TensorBoard
 scalars and a checkpoint. Restarting in the same workdir resumes exactly:
 children already in the history are not trained again (their results are read
