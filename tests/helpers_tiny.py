@@ -266,6 +266,13 @@ def _damage(workdir: str) -> dict[str, bool]:
   return {"torn_history_line": torn, "checkpoint_temporary": temporary}
 
 
+def _finished_before_signal(log_path: str) -> bool:
+  """Whether the last process in `log_path` ended its search on its own."""
+  with open(log_path) as f:
+    last = f.read().rsplit("===== ", 1)[-1]
+  return "search stopped (max_children)" in last
+
+
 def kill_and_resume(cmd, env, workdir: str, log_path: str, *, kills: int,
                     rng: random.Random, min_lines_ahead: int = 0,
                     max_lines_ahead: int = 3, max_delay: float = 0.4,
@@ -318,6 +325,10 @@ def kill_and_resume(cmd, env, workdir: str, log_path: str, *, kills: int,
     rc = proc.wait(timeout=timeout)
     stop = {"signal": sig.name, "lines_before": before,
             "seconds_to_exit": time.monotonic() - sent}
+    if use_term and rc == -sig and _finished_before_signal(log_path):
+      # The search had ended and the process was shutting down, after the
+      # search's own handlers were gone: nothing was left to stop.
+      break
     if use_term:
       assert rc == 0, f"{sig.name} exit status {rc}, see {log_path}"
     else:

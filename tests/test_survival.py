@@ -216,8 +216,12 @@ def test_kill_during_real_child_training_resumes_exactly(tmp_path, env, real_ref
 
 @pytest.mark.slow
 def test_kills_during_real_child_training_long(tmp_path, env):
-  """10 stops (2 graceful) over a 12-child digits search, then compared."""
-  overrides = ["--config.search.max_children=12"]
+  """10 stops (2 graceful) over a 20-child digits search, then compared.
+
+  With a warm compilation cache a child takes well under a second, so the
+  kills come soon after a new line (max_delay) and the search is long enough
+  to take all 10 before it ends."""
+  overrides = ["--config.search.max_children=20"]
   reference = str(tmp_path / "reference")
   log = str(tmp_path / "log")
   assert helpers_tiny.run_to_end(helpers_tiny.command("real", reference, *overrides),
@@ -225,14 +229,14 @@ def test_kills_during_real_child_training_long(tmp_path, env):
   workdir = str(tmp_path / "killed")
   stops = helpers_tiny.kill_and_resume(
       helpers_tiny.command("real", workdir, *overrides), env, workdir, log,
-      kills=10, rng=random.Random(4), max_lines_ahead=1, max_delay=2.0,
+      kills=10, rng=random.Random(4), max_lines_ahead=1, max_delay=0.5,
       term_every=5, term_signals=(signal.SIGTERM, signal.SIGINT))
   print("real-trainer fault injection survived with identical results:",
         json.dumps({"stops": len(stops),
                     "graceful": sum(s["signal"] != "SIGKILL" for s in stops),
                     "stops_after_progress": sum(
                         s["lines_after"] > s["lines_before"] for s in stops)}))
-  helpers_tiny.assert_same_search(_real_config(max_children=12), reference, workdir)
+  helpers_tiny.assert_same_search(_real_config(max_children=20), reference, workdir)
   assert len(stops) >= 8, stops
 
 
