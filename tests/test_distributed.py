@@ -195,7 +195,13 @@ def _controller(config_path, workdir):
   """The final controller state in `workdir` (restored from its checkpoint)."""
   spec = importlib.util.spec_from_file_location("cfg", config_path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  # The config file switches XLA optimizations off for its subprocesses; keep
+  # that out of this process (later in-process searches would compute with it).
+  optimizations_off = jax.config.read("jax_disable_most_optimizations")
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", optimizations_off)
   setup = search.prepare(module.get_config())
   ckpt = checkpointing.Checkpointer(str(workdir), 3)
   loop = {"step": 0, "children_done": 0, "best_reward": 0.0,
