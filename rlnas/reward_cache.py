@@ -36,9 +36,10 @@ class RewardCache:
         and CACHED_FROM not in result.metrics):
       self._results[key] = (child_id, result)
 
-  def repeat_of(self, key: str) -> int | None:
-    """The first earlier child with this architecture, or None."""
-    return self._first.get(key)
+  def repeat_of(self, key: str, child_id: int) -> int | None:
+    """The first child before `child_id` with this architecture, or None."""
+    first = self._first.get(key)
+    return first if first is not None and first < child_id else None
 
   def lookup(self, key: str) -> ChildResult | None:
     """With the cache on, a copy of the architecture's first successful result

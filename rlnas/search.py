@@ -274,7 +274,7 @@ def _evaluate_in_parallel(group, evaluator, history, cache: RewardCache, step: i
       if group.is_primary:
         history.append(_history_record(step, written, first_id + written, arch,
                                        depth, results[written],
-                                       cache.repeat_of(arch.key)))
+                                       cache.repeat_of(arch.key, first_id + written)))
       cache.note(arch.key, first_id + written, results[written])
       written += 1
 
@@ -456,7 +456,7 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
               break
             session_children += 1
           history.append(_history_record(step, i, first_id + i, arch, depth,
-                                         result, cache.repeat_of(arch.key)))
+                                         result, cache.repeat_of(arch.key, first_id + i)))
         cache.note(arch.key, first_id + i, result)
         results.append(result)
       if len(results) < num:
@@ -486,7 +486,8 @@ def _search(config: ml_collections.ConfigDict, workdir: str, setup: Setup,
         loop["steps_since_improvement"] = 0
         best = _history_record(step, step_best, first_id + step_best,
                                archs[step_best], depth, results[step_best],
-                               cache.repeat_of(archs[step_best].key))
+                               cache.repeat_of(archs[step_best].key,
+                                               first_id + step_best))
         if primary:
           records.atomic_write_json(os.path.join(workdir, records.BEST), best)
       else:

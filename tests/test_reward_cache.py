@@ -5,6 +5,7 @@ marked (`repeat_of`); on, a repeat takes the first successful result of its
 architecture (`metrics.cached_from`), on one process or many, and on resume.
 """
 
+import json
 from typing import Any
 
 import pytest
@@ -20,21 +21,22 @@ from rlnas.reward_cache import RewardCache
 def test_serves_the_first_successful_result_only_when_on():
   cache = RewardCache(enabled=True)
   cache.note("a", 0, evaluators.failed("diverged", 0.0))
-  assert cache.lookup("a") is None and cache.repeat_of("a") == 0
+  assert cache.lookup("a") is None and cache.repeat_of("a", 3) == 0
   cache.note("a", 3, ChildResult(0.5, val_accuracies=[0.7, 0.8],
                                  metrics={"num_params": 9, "train_seconds": 1.0}))
   cache.note("a", 5, ChildResult(0.9))  # Later draws do not replace the first.
   hit = cache.lookup("a")
   assert hit.reward == 0.5 and hit.val_accuracies == [0.7, 0.8]
   assert hit.metrics == {"num_params": 9, "cached_from": 3}
-  assert cache.repeat_of("a") == 0 and cache.repeat_of("b") is None
+  assert cache.repeat_of("a", 6) == 0 and cache.repeat_of("b", 6) is None
+  assert cache.repeat_of("a", 0) is None  # A child is not a repeat of itself.
   # A served result never becomes a source itself.
   other = RewardCache(enabled=True)
   other.note("a", 7, hit)
   assert other.lookup("a") is None
   off = RewardCache(enabled=False)
   off.note("a", 0, ChildResult(0.5))
-  assert off.lookup("a") is None and off.repeat_of("a") == 0
+  assert off.lookup("a") is None and off.repeat_of("a", 1) == 0
 
 
 def _config(reward_cache: bool, max_children: int = 12):
@@ -79,6 +81,9 @@ def test_repeats_are_marked_and_served_only_with_the_cache(tmp_path, reward_cach
   repeats = [r for r in history if r["repeat_of"] is not None]
   assert len(repeats) >= 8  # 12 children of 4 architectures.
   _check_repeats(history, served=reward_cache)
+  # best.json is that child's history line.
+  best = helpers_tiny.without_timing(json.load(open(tmp_path / "w" / "best.json")))
+  assert best == history[best["child_id"]]
   served = [r for r in history if "cached_from" in r["metrics"]]
   if reward_cache:
     assert served
