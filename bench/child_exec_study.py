@@ -457,16 +457,19 @@ def run_worker(method):
                                            cfg.head, cfg.use_bias, cfg.bn_momentum)
   ref = TorchRunner(dataset, cfg) if torch_available() else None
 
-  if method == "rlnas_jit":
+  def timed(train_and_evaluate, **kwargs):
+    """train(arch, seed) of an rlnas engine, as a record."""
     def train(arch, seed):
       start = time.perf_counter()
-      r = trainer.train_and_evaluate(model_of(arch), dataset, cfg, augment_cfg,
-                                     jax.random.PRNGKey(seed))
+      r = train_and_evaluate(model_of(arch), dataset, cfg, augment_cfg,
+                             jax.random.PRNGKey(seed), **kwargs)
       return {"wall": time.perf_counter() - start, "compile": r.compile_seconds,
               "train": r.train_seconds, "acc": r.val_accuracies[-1],
               "accs": r.val_accuracies}
-  elif method == "jit_rbg":
-    train = None  # Same as rlnas_jit; the PRNG impl is set by the env above.
+    return train
+
+  if method in ("rlnas_jit", "jit_rbg"):  # jit_rbg: the PRNG is set by the env above.
+    train = timed(trainer.train_and_evaluate)
   elif method in ("jit_host", "jit_pcache", "jit_O0", "jit_noopt"):
     runner = JitRunner(dataset, cfg, augment_cfg)
     train = lambda arch, seed: runner.train_and_evaluate(model_of(arch), seed)
@@ -477,26 +480,11 @@ def run_worker(method):
     bucketing = {"layerwise_b5": layerwise.Bucketing((5,), True),
                  "layerwise_b35": layerwise.Bucketing((3, 5), True)}.get(
                      method, layerwise.Bucketing())
-
-    def train(arch, seed):
-      start = time.perf_counter()
-      r = layerwise.train_and_evaluate(model_of(arch), dataset, cfg, augment_cfg,
-                                       jax.random.PRNGKey(seed), bucketing=bucketing)
-      return {"wall": time.perf_counter() - start, "compile": r.compile_seconds,
-              "train": r.train_seconds, "acc": r.val_accuracies[-1],
-              "accs": r.val_accuracies}
+    train = timed(layerwise.train_and_evaluate, bucketing=bucketing)
   elif method == "jit_bg":
     train = None
   else:
     raise ValueError(f"unknown method {method!r}")
-  if method == "jit_rbg":
-    def train(arch, seed):  # pylint: disable=function-redefined
-      start = time.perf_counter()
-      r = trainer.train_and_evaluate(model_of(arch), dataset, cfg, augment_cfg,
-                                     jax.random.PRNGKey(seed))
-      return {"wall": time.perf_counter() - start, "compile": r.compile_seconds,
-              "train": r.train_seconds, "acc": r.val_accuracies[-1],
-              "accs": r.val_accuracies}
 
   def emit(record):
     print("RECORD " + json.dumps(record), flush=True)

@@ -248,6 +248,8 @@ def _evaluate_in_parallel(group, evaluator, history, cache: RewardCache, step: i
   results: list[ChildResult | None] = [ChildResult.from_json(r)
                                        for r in shared["replayed"]]
   k = len(results)
+  if k == n:
+    return results, 0
   results += [None] * (n - k)
   for i, r in shared["served"].items():
     results[int(i)] = ChildResult.from_json(r)
@@ -263,8 +265,6 @@ def _evaluate_in_parallel(group, evaluator, history, cache: RewardCache, step: i
       copies.setdefault(j, []).append(i)
     else:
       fresh.append(i)
-  if k == n:
-    return results, 0
   written = k
 
   def flush() -> None:  # Writes the done prefix, in child order.
